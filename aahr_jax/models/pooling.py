@@ -1,0 +1,111 @@
+"""Pooling of a set of local features into one vector: GPO (VSE-infinity), MaxK (AAHR)."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from aahr_jax.models import layers
+
+GPO_PAD_FILL = -10000.0  # the fill value the original uses for pads in scores and sorting
+GPO_TEMPERATURE = 0.1
+
+
+def sinusoid_positions(length: int, dim: int) -> jax.Array:
+  """[length, dim] interleaved sin/cos table of the GPO positional encoding."""
+  position = jnp.arange(length, dtype=jnp.float32)[:, None]
+  div = jnp.exp(jnp.arange(0, dim, 2, dtype=jnp.float32) * -(math.log(10000.0) / dim))
+  table = jnp.zeros((length, dim), jnp.float32)
+  table = table.at[:, 0::2].set(jnp.sin(position * div))
+  return table.at[:, 1::2].set(jnp.cos(position * div))
+
+
+def _gru_direction(x, w_ih, w_hh, b_ih, b_hh):
+  """One GRU direction from a zero state, PyTorch gate order (r, z, n). x [B, S, in]."""
+  hidden = w_hh.shape[1]
+  gates_x = jnp.einsum('bsi,gi->bsg', x, w_ih) + b_ih
+
+  def step(h, gx):
+    gh = h @ w_hh.T + b_hh
+    r = jax.nn.sigmoid(gx[:, :hidden] + gh[:, :hidden])
+    z = jax.nn.sigmoid(gx[:, hidden:2 * hidden] + gh[:, hidden:2 * hidden])
+    n = jnp.tanh(gx[:, 2 * hidden:] + r * gh[:, 2 * hidden:])
+    h = (1.0 - z) * n + z * h
+    return h, h
+
+  h0 = jnp.zeros((x.shape[0], hidden), x.dtype)
+  _, outputs = jax.lax.scan(step, h0, jnp.swapaxes(gates_x, 0, 1))
+  return jnp.swapaxes(outputs, 0, 1)
+
+
+class BiGRU(nn.Module):
+  """Bidirectional one-layer GRU over variable lengths, PyTorch parameter names and init.
+
+  Equivalent to a packed PyTorch GRU: the backward direction starts at each sequence's last
+  valid step. Outputs at positions >= length are garbage; the caller masks them.
+  """
+  hidden: int
+
+  @nn.compact
+  def __call__(self, x, lengths):
+    init = layers.torch_bias_init(self.hidden)  # PyTorch: every GRU tensor U(+-1/sqrt(hidden))
+    params = {}
+    for suffix in ('', '_reverse'):
+      params[suffix] = (
+          self.param(f'weight_ih_l0{suffix}', init, (3 * self.hidden, x.shape[-1])),
+          self.param(f'weight_hh_l0{suffix}', init, (3 * self.hidden, self.hidden)),
+          self.param(f'bias_ih_l0{suffix}', init, (3 * self.hidden,)),
+          self.param(f'bias_hh_l0{suffix}', init, (3 * self.hidden,)))
+    forward = _gru_direction(x, *params[''])
+    backward = _reverse_within_length(
+        _gru_direction(_reverse_within_length(x, lengths), *params['_reverse']), lengths)
+    return forward, backward
+
+
+def _reverse_within_length(x, lengths):
+  """Reverses each sequence's first `length` steps in place (the rest stays put)."""
+  size = x.shape[1]
+  pos = jnp.arange(size)[None, :]
+  index = jnp.where(pos < lengths[:, None], lengths[:, None] - 1 - pos, pos)
+  return jnp.take_along_axis(x, index[:, :, None], axis=1)
+
+
+class GPO(nn.Module):
+  """Generalized Pooling Operator (aahr_spec.md 2.12), fully masked by `lengths`.
+
+  Weights come from a bidirectional GRU over positional encodings (they depend only on the
+  length), the features are sorted per dimension, and the pooled vector is their weighted sum.
+  Positions >= length never influence the result, so static padding is harmless.
+  """
+  d_pe: int = 32
+  d_hidden: int = 32
+
+  @nn.compact
+  def __call__(self, features, lengths):  # features [B, S, D], lengths [B]
+    b, s, _ = features.shape
+    valid = layers.position_mask(lengths, s)
+    pe = jnp.where(valid[:, :, None], sinusoid_positions(s, self.d_pe)[None], 0.0)
+    forward, backward = BiGRU(self.d_hidden, name='gru')(pe, lengths)
+    hidden = jnp.where(valid[:, :, None], (forward + backward) / 2.0, 0.0)
+    scores = layers.TorchDense(1, use_bias=False, name='linear')(hidden)[..., 0]
+    scores = jnp.where(valid, scores, GPO_PAD_FILL)
+    weights = jax.nn.softmax(scores / GPO_TEMPERATURE, axis=1)
+    filled = jnp.where(valid[:, :, None], features, GPO_PAD_FILL)
+    ordered = -jnp.sort(-filled, axis=1)  # descending per feature
+    ordered = jnp.where(valid[:, :, None], ordered, 0.0)
+    return jnp.einsum('bs,bsd->bd', weights.astype(ordered.dtype), ordered)
+
+
+def maxk_pool(features, lengths, k: int = 2):
+  """Mean of the k largest values per feature over the first `length` positions (AAHR MaxK).
+
+  k is min(k, length) per item (aahr_spec.md 2.5).
+  """
+  s = features.shape[1]
+  valid = layers.position_mask(lengths, s)
+  filled = jnp.where(valid[:, :, None], features, -jnp.inf)
+  top = -jnp.sort(-filled, axis=1)[:, :k]  # [B, k, D]
+  k_eff = jnp.minimum(lengths, k)
+  use = (jnp.arange(k)[None, :] < k_eff[:, None])[:, :, None]
+  return jnp.where(use, top, 0.0).sum(axis=1) / k_eff[:, None].astype(features.dtype)

