@@ -356,14 +356,15 @@ def loss_weights(iter_count: jax.Array, moco_count: jax.Array, *, moco_queue_len
     moco_count: MoCo counter before this step (equal to iter_count in a fresh run); it is
       incremented before the test, so MoCo is on iff moco_count + 1 > M / B (float division).
   Returns:
-    dict with keys base, swav, graph (gnn1+gnn2+gnn3), reg, moco -> float32 scalars.
+    dict with keys base, swav, graph (gnn1+gnn2+gnn3), reg, moco -> float scalars.
   """
   swav_on = iter_count > swav_after
   graph_on = iter_count >= graph_from
   moco_on = (moco_count + 1) > (moco_queue_length / batch_size)
-  as_float = lambda on, w: jnp.where(on, jnp.float32(w), jnp.float32(0.0))
+  # weakly typed: the weights take the dtype of the terms they multiply
+  as_float = lambda on, weight: jnp.where(on, weight, 0.0)
   return {
-      "base": jnp.float32(1.0),
+      "base": jnp.asarray(1.0),
       "swav": as_float(swav_on, swav_weight),
       "graph": as_float(graph_on, 1.0),
       "reg": as_float(graph_on, reg_weight),
@@ -380,5 +381,6 @@ def weighted_total(terms: dict[str, jax.Array], weights: dict[str, jax.Array]) -
   total = jnp.zeros((), jnp.result_type(*terms.values()))
   for name, weight in weights.items():
     term = terms[name]
-    total = total + jnp.where(weight != 0, weight.astype(term.dtype) * term, 0.0)
+    weight = jnp.asarray(weight, term.dtype)
+    total = total + jnp.where(weight != 0, weight * term, 0.0)
   return total

@@ -453,8 +453,8 @@ def test_relation_training_mode_dropout():
 def test_relation_init_matches_param_layout_and_inits():
   module, params, _, inputs = fx.relation_setup("rel")
   with jax.enable_x64(False):
-    inputs32 = jax.tree.map(lambda x: x.astype(jnp.float32) if x.dtype == jnp.float64 else x,
-                            inputs)
+    inputs32 = jax.tree.map(
+        lambda x: x.astype(jnp.float32 if x.dtype == jnp.float64 else jnp.int32), inputs)
     init = module.init(jax.random.key(0), **inputs32, deterministic=True)["params"]
   assert jax.tree.structure(init) == jax.tree.structure(params)
   assert jax.tree.map(jnp.shape, init) == jax.tree.map(jnp.shape, params)
