@@ -74,3 +74,55 @@ def bert_differences(out_path: str, state: dict[str, np.ndarray]) -> dict[str, f
   if module.add_pooling_layer:
     diffs['pooler_output'] = max_abs_diff(got.pooler_output, want.pooler_output)
   return diffs
+
+
+def clip_text_inputs(text_config, batch: int = 3, seed: int = 0) -> np.ndarray:
+  """Random token rows whose largest id (the EOT, where CLIP pools) sits at varied positions."""
+  rng = np.random.default_rng(seed)
+  length, eot = text_config.context_length, text_config.vocab_size - 1
+  ids = np.zeros((batch, length), np.int64)
+  for row, end in enumerate(np.linspace(1, length - 1, batch).astype(int)):
+    ids[row, :end] = rng.integers(1, eot, end)
+    ids[row, end] = eot
+  return ids
+
+
+def open_clip_differences(out_path: str, state: dict[str, np.ndarray],
+                          model_cfg: dict) -> dict[str, float]:
+  """open_clip's CLIP with `state` vs aahr_jax CLIP from the converted file."""
+  import inspect
+
+  import jax
+  import open_clip
+  import torch
+  from aahr_jax.models import clip
+
+  module, params = clip.load(out_path)
+  accepted = inspect.signature(open_clip.model.CLIP.__init__).parameters
+  reference = open_clip.model.CLIP(**{k: v for k, v in model_cfg.items() if k in accepted})
+  wanted = reference.state_dict()
+  state = {k: v.reshape(wanted[k].shape) if k in wanted else v for k, v in state.items()}
+  result = reference.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()},
+                                     strict=False)
+  # Keys of a tower the checkpoint does not have stay at their random init and are not compared.
+  present = lambda k: (module.config.vision if k.startswith('visual.') else module.config.text)
+  needed = [k for k in result.missing_keys
+            if present(k) is not None and k not in ('logit_scale', 'logit_bias')]
+  if needed:
+    raise ConversionError(f'the open_clip reference needs keys the checkpoint lacks: '
+                          f'{", ".join(needed[:12])}')
+  reference.eval()
+  diffs = {}
+  with torch.no_grad(), jax.default_matmul_precision('float32'):
+    if module.config.vision is not None:
+      rng = np.random.default_rng(0)
+      images = rng.standard_normal((2, *module.config.vision.image_size, 3)).astype(np.float32)
+      want = reference.encode_image(torch.from_numpy(images.transpose(0, 3, 1, 2)))
+      got = module.apply({'params': params}, images, method=module.encode_image)
+      diffs['image features'] = max_abs_diff(got, want)
+    if module.config.text is not None:
+      ids = clip_text_inputs(module.config.text)
+      want = reference.encode_text(torch.from_numpy(ids))
+      got = module.apply({'params': params}, ids, method=module.encode_text)
+      diffs['text features'] = max_abs_diff(got, want)
+  return diffs

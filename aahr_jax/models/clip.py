@@ -315,11 +315,13 @@ def load(path: str, dtype: Any = jnp.float32):
     raise ValueError(f'{path} holds model {meta.get("model")!r}, not {FILE_MODEL_NAME!r}; '
                      'convert OpenCLIP weights with `python -m conversion open_clip`.')
   module = CLIP(CLIPConfig.from_dict(json.loads(meta['config'])), dtype=dtype)
-  params = traverse_util.unflatten_dict(flat, sep='/')
   want = traverse_util.flatten_dict(init_shapes(module), sep='/')
+  for name in ('logit_scale', 'logit_bias'):   # safetensors stores scalars as shape (1,)
+    if name in flat and flat[name].size == 1:
+      flat[name] = flat[name].reshape(())
   bad = sorted(k for k in set(want) | set(flat)
                if k not in want or k not in flat or tuple(flat[k].shape) != want[k].shape)
   if bad:
     raise ValueError(f'{path} does not fit its own config (parameters {bad[:12]} missing, extra '
                      'or mis-shaped); re-convert the checkpoint.')
-  return module, params
+  return module, traverse_util.unflatten_dict(flat, sep='/')
