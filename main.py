@@ -10,6 +10,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path.py[:args]).',
@@ -32,6 +33,7 @@ def main(argv):
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required')
   os.environ.setdefault('HF_HUB_OFFLINE', '1')
+  logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file they touch at INFO
   # Imports after flag parsing keep `--help` fast.
   from aahr_jax import train  # pylint: disable=import-outside-toplevel
   from input_pipeline import datasets  # pylint: disable=import-outside-toplevel
