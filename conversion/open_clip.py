@@ -43,7 +43,7 @@ TIMM_RENAMES = (
     (r'blocks\.(\d+)\.attn\.proj\.(weight|bias)', r'transformer.resblocks.\1.attn.out_proj.\2'),
     (r'blocks\.(\d+)\.mlp\.fc1\.(weight|bias)', r'transformer.resblocks.\1.mlp.c_fc.\2'),
     (r'blocks\.(\d+)\.mlp\.fc2\.(weight|bias)', r'transformer.resblocks.\1.mlp.c_proj.\2'),
-    (r'blocks\.(\d+)\.ls([12])\.gamma', r'transformer.resblocks.\1.ls_\2.gamma'),
+    (r'blocks\.(\d+)\.ls_?([12])\.gamma', r'transformer.resblocks.\1.ls_\2.gamma'),
     (r'norm\.(weight|bias)', r'ln_post.\1'),
     (r'head\.weight', 'proj'),
 )
