@@ -144,6 +144,11 @@ def convert_state_dict(state: dict[str, np.ndarray], config, what: str = 'checkp
   from flax import traverse_util
   from aahr_jax.models import bert
   with_pooler = 'pooler.dense.weight' in state
+  vocab, hidden = state[SIGNATURE_KEY].shape
+  found = {'vocab_size': vocab, 'hidden_size': hidden,
+           'num_hidden_layers': key_table.count_layers(state, r'encoder\.layer\.(\d+)\.')}
+  key_table.check_dimensions(found, {k: getattr(config, k) for k in found}, what,
+                             'pass the config.json the checkpoint was trained with (--config).')
   flat = key_table.apply_table(state, key_table_for(config, with_pooler), IGNORED_KEYS, what)
   module = bert.BertModel(config, add_pooling_layer=with_pooler)
   expected = {k: v.shape for k, v in

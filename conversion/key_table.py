@@ -65,3 +65,17 @@ def check_shapes(flat: dict[str, np.ndarray], expected: dict[str, tuple], what: 
                                                                       wrong)) if keys]
     raise ConversionError(f'{what} does not match the model configuration ({"; ".join(parts)}); '
                           'pick the configuration the checkpoint was trained with.')
+
+
+def check_dimensions(found: dict, expected: dict, what: str, hint: str) -> None:
+  """Compares headline sizes read off the checkpoint with the configuration's, before the
+  key-by-key check, so a wrong configuration is reported as such."""
+  wrong = [f'{name}: checkpoint {found[name]}, config {expected[name]}'
+           for name in expected if name in found and found[name] != expected[name]]
+  if wrong:
+    raise ConversionError(f'{what} does not match the configuration ({"; ".join(wrong)}); {hint}')
+
+
+def count_layers(state, pattern: str) -> int:
+  """Number of distinct layer indices, `pattern` having one (\\d+) group."""
+  return len({m.group(1) for k in state if (m := re.match(pattern, k))})

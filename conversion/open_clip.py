@@ -298,6 +298,38 @@ def key_table_for(config) -> list[Rule]:
   return table
 
 
+def checkpoint_dimensions(state: dict[str, np.ndarray]) -> dict:
+  found = {}
+  if 'visual.conv1.weight' in state:
+    width, _, *patch = state['visual.conv1.weight'].shape
+    found.update({'vision width': width, 'patch size': tuple(patch),
+                  'vision layers': key_table.count_layers(
+                      state, r'visual\.transformer\.resblocks\.(\d+)\.')})
+  if 'visual.positional_embedding' in state:
+    found['vision positions'] = state['visual.positional_embedding'].shape[0]
+  if 'visual.proj' in state:
+    found['embed dim'] = state['visual.proj'].shape[-1]
+  if 'token_embedding.weight' in state:
+    found['vocab size'], found['text width'] = state['token_embedding.weight'].shape
+    found['text layers'] = key_table.count_layers(state, r'transformer\.resblocks\.(\d+)\.')
+  if 'positional_embedding' in state:
+    found['context length'] = state['positional_embedding'].shape[0]
+  return found
+
+
+def config_dimensions(config) -> dict:
+  expected = {'embed dim': config.embed_dim}
+  if config.vision is not None:
+    v = config.vision
+    expected.update({'vision width': v.width, 'patch size': tuple(v.patch_size),
+                     'vision layers': v.layers, 'vision positions': v.grid[0] * v.grid[1] + 1})
+  if config.text is not None:
+    t = config.text
+    expected.update({'vocab size': t.vocab_size, 'text width': t.width, 'text layers': t.layers,
+                     'context length': t.context_length})
+  return expected
+
+
 def convert_state_dict(state: dict[str, np.ndarray], config, what: str = 'checkpoint'):
   """Normalised open_clip state dict -> flat {'visual/conv1/kernel': array, ...}."""
   from flax import traverse_util
@@ -310,6 +342,8 @@ def convert_state_dict(state: dict[str, np.ndarray], config, what: str = 'checkp
   if (config.vision is None or config.text is None) and 'logit_scale' not in state:
     # One-tower files (e.g. timm image towers) carry no contrastive scale: use CLIP's init.
     state = {**state, 'logit_scale': np.asarray(np.log(1 / 0.07), np.float32)}
+  key_table.check_dimensions(checkpoint_dimensions(state), config_dimensions(config), what,
+                             'pick the --model (name or .json) the checkpoint was trained with.')
   flat = key_table.apply_table(state, key_table_for(config), ignored, what)
   expected = {k: v.shape for k, v in
               traverse_util.flatten_dict(clip.init_shapes(clip.CLIP(config)), sep='/').items()}
