@@ -568,3 +568,49 @@ def test_weighted_total_drops_gated_off_nan():
   terms = {"base": jnp.asarray(1.0), "graph": jnp.asarray(jnp.nan)}
   weights = {"base": jnp.float32(1.0), "graph": jnp.float32(0.0)}
   assert float(L.weighted_total(terms, weights)) == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Reuse checks: jit with traced batch maxima, and the Transformer layer against torch
+# ---------------------------------------------------------------------------------------------
+
+def test_relation_jit_with_traced_batch_maxima():
+  """One compilation serves every batch_max_regions / batch_max_len (runtime scalars)."""
+  module, params, _, inputs = fx.relation_setup("rel")
+  apply = jax.jit(lambda p, x: module.apply({"params": p}, **x, deterministic=True))
+  padded = pad_relation_inputs(inputs, 3, 5, jax.random.key(2))
+  out = apply(params, padded)
+  assert_relation_outputs("rel", out, atol=1e-10)
+  shorter = dict(padded, batch_max_len=padded["batch_max_len"] - 1,
+                 word_lengths=jnp.minimum(padded["word_lengths"], padded["batch_max_len"] - 1))
+  apply(params, shorter)
+  assert apply._cache_size() == 1
+
+
+def test_transformer_layer_matches_torch_with_key_padding():
+  """TransformerEncoderLayer + key_padding_additive_mask == torch nn.TransformerEncoderLayer
+  (eval, sequence-first, src_key_padding_mask), loaded through transformer_key_map."""
+  torch = pytest.importorskip("torch")
+  torch.manual_seed(0)
+  d_model, heads, batch, length = 32, 4, 3, 6
+  layer = torch.nn.TransformerEncoderLayer(d_model, heads, dim_feedforward=d_model, dropout=0.1)
+  with torch.no_grad():  # non-trivial LayerNorm / biases
+    for name, value in layer.named_parameters():
+      if "norm" in name or "bias" in name:
+        value.add_(0.1 * torch.randn_like(value))
+  layer = layer.double().eval()
+  lengths = np.array([6, 4, 2])
+  x = np.random.default_rng(0).normal(size=(batch, length, d_model))
+  with torch.no_grad():
+    expected = layer(torch.from_numpy(x).transpose(0, 1),
+                     src_key_padding_mask=torch.from_numpy(
+                         np.arange(length)[None] >= lengths[:, None])).transpose(0, 1).numpy()
+
+  state = {f"aggr.layers.0.{k}": v.detach().numpy() for k, v in layer.state_dict().items()}
+  params = {}
+  for key, (path, transpose) in R.transformer_key_map("aggr", ("aggr",)).items():
+    R._set_path(params, path, jnp.asarray(state[key].T if transpose else state[key]))
+  module = R.TransformerEncoder(num_layers=1, num_heads=heads)
+  mask = R.key_padding_additive_mask(jnp.asarray(lengths), length, jnp.float64)
+  out = module.apply({"params": params["aggr"]}, jnp.asarray(x), mask, deterministic=True)
+  np.testing.assert_allclose(out, expected, atol=1e-12)

@@ -54,8 +54,13 @@ def pairwise_distance(a: jax.Array, b: jax.Array, *, zero_diagonal: bool = False
 def row_topk_connectivity(similarity: jax.Array, k: int) -> jax.Array:
   """[N, M] bool: entry >= the k-th largest entry of its row (ties included). No gradient."""
   similarity = jax.lax.stop_gradient(similarity)
-  kth_largest = jax.lax.top_k(similarity, k)[0][:, -1:]
-  return (similarity - kth_largest) >= 0
+  values, indices = jax.lax.top_k(similarity, k)
+  # Under jit XLA may recompute `similarity` inside the comparison's fusion with different
+  # rounding, so the k-th element could compare 1 ulp below itself; the top-k positions are
+  # therefore marked from the indices, and `>=` only adds the ties.
+  in_top_k = jnp.zeros(similarity.shape, bool).at[
+      jnp.arange(similarity.shape[0])[:, None], indices].set(True)
+  return in_top_k | ((similarity - values[:, -1:]) >= 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,6 +230,14 @@ class MultiheadSelfAttention(nn.Module):
     return nn.Dense(d_model, kernel_init=torch_linear_kernel_init,
                     bias_init=nn.initializers.zeros_init(), precision=self.precision,
                     name="out_proj")(out)
+
+
+def key_padding_additive_mask(lengths: jax.Array, size: int, dtype=jnp.float32) -> jax.Array:
+  """[B, 1, size] additive mask (0 for keys < length, -inf after) for TransformerEncoderLayer:
+  torch's `src_key_padding_mask` as a float mask (query rows at padded positions still attend
+  to the valid keys)."""
+  valid = jnp.arange(size)[None, None, :] < lengths[:, None, None]
+  return jnp.where(valid, 0.0, -jnp.inf).astype(dtype)
 
 
 class TransformerEncoderLayer(nn.Module):
@@ -426,12 +439,21 @@ IGNORED_TORCH_PREFIXES = ("swav_loss.queue", "adj_model.adj_learning.mlp_")
 PROTOTYPES_KEY = "swav_loss.prototypes"
 
 
-def relation_key_map(num_layers: int = 1) -> dict[str, tuple[tuple[str, ...], bool]]:
-  """torch criterion key -> (Flax param path, transpose) for the relation module."""
+def transformer_key_map(torch_prefix: str, flax_path: tuple[str, ...],
+                        num_layers: int = 1) -> dict[str, tuple[tuple[str, ...], bool]]:
+  """torch nn.TransformerEncoder keys `{torch_prefix}.layers.{i}.*` -> (Flax path, transpose)
+  for a `TransformerEncoder` at `flax_path` (e.g. "gnn", ("gnn",); or the encoders' "aggr")."""
   mapping = {}
   for layer in range(num_layers):
     for suffix, (path, transpose) in _TRANSFORMER_LEAVES.items():
-      mapping[f"gnn.layers.{layer}.{suffix}"] = (("gnn", f"layers_{layer}") + path, transpose)
+      mapping[f"{torch_prefix}.layers.{layer}.{suffix}"] = (
+          flax_path + (f"layers_{layer}",) + path, transpose)
+  return mapping
+
+
+def relation_key_map(num_layers: int = 1) -> dict[str, tuple[tuple[str, ...], bool]]:
+  """torch criterion key -> (Flax param path, transpose) for the relation module."""
+  mapping = transformer_key_map("gnn", ("gnn",), num_layers)
   for name in _GCN_NAMES:
     for leaf in ("weight", "bias"):  # GCN weights are already [in, out]: no transpose
       mapping[f"{name}.gc1.{leaf}"] = ((name, "gc1", leaf), False)
