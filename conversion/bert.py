@@ -39,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+  flax_file.check_out_path(args.out)
   state, path = read_state_dict(args.src, WEIGHT_FILES)
   state = normalize_keys(state, path)
   config = resolve_config(args.src, args.config, state)

