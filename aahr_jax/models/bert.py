@@ -207,6 +207,9 @@ class BertModel(nn.Module):
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
                deterministic: bool = True, output_hidden_states: bool = False) -> BertOutput:
     input_ids = jnp.asarray(input_ids)
+    if input_ids.shape[-1] > self.config.max_position_embeddings:
+      raise ValueError(f'input_ids have length {input_ids.shape[-1]} > max_position_embeddings '
+                       f'{self.config.max_position_embeddings}; truncate the captions.')
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
     if token_type_ids is None:
