@@ -1,4 +1,9 @@
-"""Region encoder (FC + residual MLP with BatchNorm), shared by VSE-infinity, HREM and AAHR."""
+"""Region encoder (FC + residual MLP with BatchNorm), shared by VSE-infinity, HREM and AAHR, and
+AAHR's CLIP-feature projection.
+
+AAHR nests the region encoder one level deeper (torch `fc.fc.*`, `fc.mlp.*`): its image tower
+names a `RegionEncoder(mlp_xavier=True)` child `fc`.
+"""
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -45,3 +50,25 @@ class RegionEncoder(nn.Module):
     fc = layers.TorchDense(self.embed_size, xavier=True, name='fc')(regions)
     mlp = MLP(self.hidden, self.embed_size, xavier=self.mlp_xavier, name='mlp')
     return fc + mlp(regions, bn_mask, train=train)
+
+
+class SingleLinearMLP(nn.Module):
+  """FC_MLP's `mlp` with num_layers=1 and no BN: one Linear (`layers_0`), no activation."""
+  out: int
+  xavier: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    return layers.TorchDense(self.out, xavier=self.xavier, name='layers_0')(x)
+
+
+class ClipProjection(nn.Module):
+  """AAHR `fc_clip` (aahr_spec.md 2.7): FC_MLP(512, D, D, num_layers=1, bn=False) on a CLIP
+  feature = fc(c) + mlp.layers_0(c), both Xavier with zero bias. Two parallel affine maps are
+  one affine map, but both are kept for checkpoint compatibility and identical optimisation."""
+  embed_size: int
+
+  @nn.compact
+  def __call__(self, clip_features):  # [B, 512] un-normalised CLIP features
+    fc = layers.TorchDense(self.embed_size, xavier=True, name='fc')(clip_features)
+    return fc + SingleLinearMLP(self.embed_size, name='mlp')(clip_features)

@@ -1,4 +1,5 @@
-"""Pooling of a set of local features into one vector: GPO (VSE-infinity), MaxK (AAHR)."""
+"""Pooling of a set of local features into one vector: GPO (VSE-infinity); MaxK, the
+CLIP-global-guided attention pooling (GGLP) and the gated fusion (AAHR)."""
 
 import math
 
@@ -109,3 +110,66 @@ def maxk_pool(features, lengths, k: int = 2):
   k_eff = jnp.minimum(lengths, k)
   use = (jnp.arange(k)[None, :] < k_eff[:, None])[:, :, None]
   return jnp.where(use, top, 0.0).sum(axis=1) / k_eff[:, None].astype(features.dtype)
+
+
+
+class StackedDense(nn.Module):
+  """`heads` independent torch-style Linear(in -> features) layers stored as one tensor.
+
+  Params: kernel [heads, in, features] (head h = torch weight h transposed), bias [heads, features];
+  torch default init per layer (bounds 1/sqrt(in)). `x` [..., in] gives [..., heads, features];
+  with per_head=True, `x` [..., heads, in] feeds head h its own row h.
+  """
+  heads: int
+  features: int
+
+  @nn.compact
+  def __call__(self, x, per_head: bool = False):
+    fan_in = x.shape[-1]
+    kernel = self.param('kernel', nn.initializers.variance_scaling(
+        1.0 / 3.0, 'fan_in', 'uniform', batch_axis=(0,)), (self.heads, fan_in, self.features))
+    bias = self.param('bias', layers.torch_bias_init(fan_in), (self.heads, self.features))
+    if per_head:
+      return jnp.einsum('...hi,hio->...ho', x, kernel) + bias
+    return jnp.einsum('...i,hio->...ho', x, kernel) + bias
+
+
+def unit_rows(x, eps: float = 1e-12):
+  """torch F.normalize: x / max(||x||, eps) along the last axis."""
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+class GlobalGuidedAttentionPool(nn.Module):
+  """GGLP (`mha_pool`, aahr_spec.md 2.8): a global query pools local features, 8 full-size heads.
+
+  Per head h: q = nrm(Wq_h g), k_s = nrm(Wk_h f_s), w = softmax_s(scale * <k_s, q>) over the
+  positions s < `limit` (per row), o_h = sum_s w_s (Wv_h f_s + b_h); the result is the mean over
+  heads. The original has no padding mask (Q1): the caller passes limit = the per-batch maximum
+  length for every row (faithful) or each row's own length (`gglp_mask_padding`).
+  """
+  heads: int = 8
+  logit_scale: float = 1.0  # Q2: the original's cosine logits have no temperature
+
+  @nn.compact
+  def __call__(self, query, features, limit):  # query [B, D], features [B, S, D], limit [B]
+    d = features.shape[-1]
+    q = unit_rows(StackedDense(self.heads, d, name='query')(query))        # [B, H, D]
+    k = unit_rows(StackedDense(self.heads, d, name='key')(features))       # [B, S, H, D]
+    logits = jnp.einsum('bshd,bhd->bhs', k, q) * self.logit_scale
+    inside = layers.position_mask(jnp.maximum(limit, 1), features.shape[1])[:, None, :]
+    weights = jax.nn.softmax(jnp.where(inside, logits, -jnp.inf), axis=-1)
+    # sum_s w_s (W f_s + b) = W (sum_s w_s f_s) + b since the weights sum to one: the value map
+    # runs on one pooled vector per head instead of on every position.
+    pooled = jnp.einsum('bhs,bsd->bhd', weights, features)
+    return StackedDense(self.heads, d, name='value')(pooled, per_head=True).mean(axis=1)
+
+
+class GatedFusion(nn.Module):
+  """AAHR `gated_fusion` (aahr_spec.md 2.10): z = sigmoid(fc_gate([a; b])), z*a + (1-z)*b."""
+
+  @nn.compact
+  def __call__(self, local, global_):
+    gate = layers.TorchDense(local.shape[-1], name='fc_gate')(
+        jnp.concatenate([local, global_], axis=-1))
+    z = jax.nn.sigmoid(gate)
+    return z * local + (1.0 - z) * global_
