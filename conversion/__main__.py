@@ -11,6 +11,8 @@ from conversion import ConversionError
 SUBCOMMANDS = {
     'bert': 'conversion.bert',
     'open_clip': 'conversion.open_clip',
+    'aahr': 'conversion.aahr',
+    'vse_infty': 'conversion.vse_infty',
 }
 
 

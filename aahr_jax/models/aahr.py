@@ -66,10 +66,10 @@ class VSEInfinity(nn.Module):
   embed_size: int
   bert: bert_lib.BertConfig
   bn_mask_padding: bool = False
-  region_hidden: int = 512
+  region_hidden: int = 512  # the image MLP's hidden width (the original's embed_size // 2)
 
   def setup(self):
-    self.img = GPOImageTower(self.embed_size, self.bn_mask_padding, self.region_hidden)
+    self.img = GPOImageTower(self.embed_size, self.bn_mask_padding, hidden=self.region_hidden)
     self.txt = GPOTextTower(self.embed_size, self.bert)
 
   def embed_images(self, regions, region_len, valid=None, *, train: bool = False):

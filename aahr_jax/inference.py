@@ -1,0 +1,217 @@
+"""Retriever: load a model, embed images and captions exactly as the evaluation does.
+
+  r = Retriever.from_checkpoint('weights/aahr_f30k')          # a converted DIR
+  img = r.embed_images(regions, region_lengths, clip_image)    # [B, D] numpy
+  cap = r.embed_captions(token_ids, lengths, clip_text)        # [B, D] numpy
+  scores = img @ cap.T                                         # the evaluator's similarity
+
+Embeddings are computed in eval mode, fp32, at the highest matmul precision. A call embeds exactly
+the batch it is given: AAHR's caption embeddings depend on the batch's longest caption (GGLP
+attends to pad tokens, quirk Q20), so to reproduce the original numbers pass the original's
+batches (dataset order, batch size 128 for F30K / 256 for COCO).
+
+A converted DIR (`python -m conversion aahr|vse_infty`) holds `model.json` (model config,
+input sizes, provenance) and `variables.safetensors` ('/'-joined paths of params and
+batch_stats). `from_checkpoint` dispatches on what a path contains, so trained workdirs and
+orbax checkpoints can be added as further loaders.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from aahr_jax.models import aahr
+
+CONVERTED_FORMAT = 'aahr_jax.converted.v1'
+MODEL_JSON = 'model.json'
+VARIABLES_FILE = 'variables.safetensors'
+CLIP_MODELS = ('aahr',)  # models whose encoders take CLIP global features
+
+
+# ----------------------------------------------------------------------------------------------
+# Converted DIR: writing (used by the converters) and reading
+# ----------------------------------------------------------------------------------------------
+
+def write_converted_dir(out, model_config: dict, variables: dict, inputs: dict, *, source: str,
+                        original: dict | None = None) -> None:
+  """Writes model.json + variables.safetensors. `inputs`: region_dim, clip_dim, max_len."""
+  from flax import traverse_util
+  from safetensors.numpy import save_file
+  out = pathlib.Path(out)
+  if out.exists() and not out.is_dir():
+    raise ValueError(f'--out {out} exists and is not a directory; pass a directory path.')
+  out.mkdir(parents=True, exist_ok=True)
+  flat = traverse_util.flatten_dict(variables, sep='/')
+  save_file({k: np.ascontiguousarray(v, np.float32) for k, v in flat.items()},
+            str(out / VARIABLES_FILE), metadata={'format': CONVERTED_FORMAT})
+  meta = {'format': CONVERTED_FORMAT, 'model': model_config, 'inputs': inputs,
+          'source': source, 'original': original or {}}
+  (out / MODEL_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True) + '\n')
+
+
+def load_converted_dir(path) -> tuple[ml_collections.ConfigDict, dict, dict]:
+  """(model config, variables, inputs) from a converted DIR; checks every variable's shape."""
+  from flax import traverse_util
+  from safetensors import SafetensorError, safe_open
+  path = pathlib.Path(path)
+  try:
+    meta = json.loads((path / MODEL_JSON).read_text())
+  except (OSError, ValueError) as e:
+    raise ValueError(f'cannot read {path / MODEL_JSON}: {e}; convert the checkpoint again '
+                     'with `python -m conversion aahr|vse_infty`.') from e
+  if meta.get('format') != CONVERTED_FORMAT:
+    raise ValueError(f'{path / MODEL_JSON} has format {meta.get("format")!r}, expected '
+                     f'{CONVERTED_FORMAT!r}; convert the checkpoint again.')
+  try:
+    with safe_open(str(path / VARIABLES_FILE), framework='numpy') as f:
+      flat = {k: f.get_tensor(k) for k in f.keys()}
+  except (OSError, SafetensorError) as e:
+    raise ValueError(f'cannot read {path / VARIABLES_FILE}: {e}; convert the checkpoint '
+                     'again.') from e
+  config = ml_collections.ConfigDict(meta['model'])
+  model = aahr.build_model(config)
+  expected = traverse_util.flatten_dict(
+      jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                        _tiny_batch(config.name, meta['inputs']))), sep='/')
+  missing = sorted(set(expected) - set(flat))
+  extra = sorted(set(flat) - set(expected))
+  wrong = sorted(k for k in set(flat) & set(expected) if flat[k].shape != expected[k].shape)
+  if missing or extra or wrong:
+    raise ValueError(f'{path}: the weights do not fit the model in {MODEL_JSON}: missing '
+                     f'{missing[:5]}, unexpected {extra[:5]}, wrong shape {wrong[:5]}.')
+  return config, traverse_util.unflatten_dict(flat, sep='/'), meta['inputs']
+
+
+def _tiny_batch(name: str, inputs: dict) -> dict:
+  batch = {'regions': np.zeros((2, 4, inputs['region_dim']), np.float32),
+           'region_len': np.full((2,), 4, np.int32), 'bert_ids': np.ones((2, 4), np.int32),
+           'bert_len': np.full((2,), 4, np.int32)}
+  if name in CLIP_MODELS:
+    batch['clip_image'] = np.zeros((2, inputs['clip_dim']), np.float32)
+    batch['clip_text'] = np.zeros((2, inputs['clip_dim']), np.float32)
+  return batch
+
+
+# ----------------------------------------------------------------------------------------------
+# Retriever
+# ----------------------------------------------------------------------------------------------
+
+def _bucket(n: int) -> int:
+  """Batch sizes are padded to powers of two (with invalid rows) to bound recompilation."""
+  return 1 << max(int(n) - 1, 0).bit_length()
+
+
+class Retriever:
+  """Embeds images and captions with a loaded model (eval mode, fp32, highest precision)."""
+
+  def __init__(self, model_config: ml_collections.ConfigDict, variables: dict, inputs: dict):
+    self.config = model_config
+    self.inputs = dict(inputs)
+    self.model = aahr.build_model(model_config)
+    self.variables = jax.tree.map(jnp.asarray, variables)
+    self.uses_clip = model_config.name in CLIP_MODELS
+    self._embed_images = jax.jit(self._images_fn)
+    self._embed_captions = jax.jit(self._captions_fn)
+
+  @classmethod
+  def from_checkpoint(cls, path) -> 'Retriever':
+    """A converted DIR (has model.json). Trained workdirs / orbax checkpoints: not yet."""
+    path = pathlib.Path(path)
+    if (path / MODEL_JSON).is_file():
+      return cls(*load_converted_dir(path))
+    if not path.exists():
+      raise FileNotFoundError(f'{path} does not exist.')
+    raise ValueError(f'{path} is not a converted checkpoint directory (no {MODEL_JSON}); '
+                     'convert released weights with `python -m conversion aahr|vse_infty '
+                     '--src model_best.pth --out DIR`.')
+
+  # --- jitted bodies (static shapes; `valid` marks the real rows) ---
+
+  def _images_fn(self, variables, regions, lengths, clip, valid):
+    if self.uses_clip:
+      return self.model.apply(variables, regions, lengths, clip, valid,
+                              method=self.model.embed_images)
+    return self.model.apply(variables, regions, lengths, valid, method=self.model.embed_images)
+
+  def _captions_fn(self, variables, ids, lengths, clip, valid):
+    if self.uses_clip:
+      return self.model.apply(variables, ids, lengths, clip, valid,
+                              method=self.model.embed_captions)
+    return self.model.apply(variables, ids, lengths, method=self.model.embed_captions)
+
+  # --- public API ---
+
+  def embed_images(self, regions, region_lengths, clip_image=None) -> np.ndarray:
+    """regions float32 [B, R, region_dim] zero-padded, region_lengths int [B] (1..R),
+    clip_image float32 [B, clip_dim] (None for models without the CLIP branch) -> [B, D]."""
+    regions = np.asarray(regions, np.float32)
+    if regions.ndim != 3 or regions.shape[2] != self.inputs['region_dim']:
+      raise ValueError(f'regions must be [B, R, {self.inputs["region_dim"]}], got '
+                       f'{list(regions.shape)}.')
+    lengths = self._lengths(region_lengths, regions.shape[0], regions.shape[1], 'region_lengths')
+    clip = self._clip(clip_image, regions.shape[0], 'clip_image')
+    return self._run(self._embed_images, regions, lengths, clip)
+
+  def embed_captions(self, token_ids, lengths, clip_text=None) -> np.ndarray:
+    """token_ids int [B, L] BERT ids ([CLS] ... [SEP], 0-padded), lengths [B] counting CLS and
+    SEP, clip_text float32 [B, clip_dim] (None without CLIP branch) -> [B, D]. The batch is
+    embedded as given (AAHR captions depend on the batch's longest caption, Q20)."""
+    ids = np.asarray(token_ids)
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+      raise ValueError(f'token_ids must be an integer array [B, L], got {ids.dtype} '
+                       f'{list(ids.shape)}.')
+    if ids.shape[1] > self.inputs['max_len']:
+      raise ValueError(f'token_ids are {ids.shape[1]} wide; the BERT has '
+                       f'{self.inputs["max_len"]} positions.')
+    lengths = self._lengths(lengths, ids.shape[0], ids.shape[1], 'lengths')
+    clip = self._clip(clip_text, ids.shape[0], 'clip_text')
+    return self._run(self._embed_captions, ids.astype(np.int32), lengths, clip)
+
+  @staticmethod
+  def similarity(image_embeddings, caption_embeddings) -> np.ndarray:
+    """[N_img, N_cap] dot products, the evaluation's scores (AAHR does not re-normalise)."""
+    return np.asarray(image_embeddings, np.float64) @ np.asarray(caption_embeddings,
+                                                                 np.float64).T
+
+  # --- helpers ---
+
+  @staticmethod
+  def _lengths(lengths, batch: int, width: int, name: str) -> np.ndarray:
+    lengths = np.asarray(lengths)
+    if lengths.shape != (batch,) or not np.issubdtype(lengths.dtype, np.integer):
+      raise ValueError(f'{name} must be an integer array [{batch}], got {lengths.dtype} '
+                       f'{list(lengths.shape)}.')
+    if batch and (lengths.min() < 1 or lengths.max() > width):
+      raise ValueError(f'{name} must lie in 1..{width} (the padded width), got '
+                       f'{lengths.min()}..{lengths.max()}.')
+    return lengths.astype(np.int32)
+
+  def _clip(self, clip, batch: int, name: str) -> np.ndarray:
+    if not self.uses_clip:
+      return np.zeros((batch, 1), np.float32)  # ignored: the model has no CLIP branch
+    if clip is None:
+      raise ValueError(f'this {self.config.name} model needs {name} (CLIP global features '
+                       f'[B, {self.inputs["clip_dim"]}]).')
+    clip = np.asarray(clip, np.float32)
+    if clip.shape != (batch, self.inputs['clip_dim']):
+      raise ValueError(f'{name} must be [{batch}, {self.inputs["clip_dim"]}], got '
+                       f'{list(clip.shape)}.')
+    return clip
+
+  def _run(self, fn, data: np.ndarray, lengths: np.ndarray, clip: np.ndarray) -> np.ndarray:
+    batch = data.shape[0]
+    if batch == 0:
+      return np.zeros((0, self.config.embed_size), np.float32)
+    padded = _bucket(batch)
+    pad = lambda a, fill: np.concatenate(
+        [a, np.full((padded - batch,) + a.shape[1:], fill, a.dtype)]) if padded > batch else a
+    valid = np.arange(padded) < batch
+    with jax.default_matmul_precision('highest'):
+      out = fn(self.variables, pad(data, 0), pad(lengths, 1), pad(clip, 0), valid)
+    return np.asarray(out[:batch], np.float32)
