@@ -142,3 +142,17 @@ def test_build_model_dispatch_and_error():
   config.name = 'nope'
   with pytest.raises(ValueError, match="'nope'"):
     aahr.build_model(config)
+
+
+def test_published_configs_build_aahr():
+  from configs import coco, f30k
+  f, c = f30k.get_config(), coco.get_config()
+  assert (f.batch_size, f.num_epochs, f.loss.nmb_prototypes, f.relation.mask_weight) == \
+      (128, 40, 384, 1.0)
+  assert (c.batch_size, c.num_epochs, c.loss.nmb_prototypes, c.relation.mask_weight) == \
+      (256, 40, 768, 1.5)
+  assert f.optim.lr_schedules == (15, 25) and f.moco.queue_length == 2048
+  model = aahr.build_model(f.model)
+  assert isinstance(model, aahr.AAHR) and not model.settings.gglp_mask_padding
+  corrected = aahr.build_model(f30k.get_config('quirks=corrected').model)
+  assert corrected.settings.gglp_mask_padding and corrected.settings.bn_mask_padding

@@ -1,0 +1,28 @@
+"""AAHR, BUTD regions + BERT-base + frozen CLIP ViT-B/32 features, MS-COCO; the published
+hyper-parameters (aahr_spec.md 3.4; run_coco.sh).
+
+  python -m conversion bert --src bert-base-uncased/ --out weights/bert-base-uncased.safetensors
+  python main.py --config configs/coco.py --workdir runs/coco \
+      --config.data.manual_dir=/data/coco/precomp
+  python main.py --config configs/coco.py:quirks=corrected ...   # bug-fixed variant
+
+run_coco.sh: batch 256, 40 epochs, lr 5e-4 (BERT 0.1x) x0.1 at epochs 15 and 25, AdamW wd 1e-4,
+grad clip 2.0, 768 prototypes (Sinkhorn eps 0.1, tau 0.1), mask_weight 1.5, graph warm-up 8000
+iterations, MoCo queue 2048 with momentum 0.999, triplet cut-off 1.9. Evaluation: COCO 5-fold 1K
+and 5K on testall.
+"""
+
+from configs import aahr_common
+from configs import common
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, batch_size=256, quirks='faithful')
+  c = aahr_common.aahr_config('coco', batch_size=arg.batch_size, nmb_prototypes=768,
+                              mask_weight=1.5)
+  # Longest COCO eval caption: 56 BERT tokens; training captions were not measured
+  # (data_eval_spec.md 2.8): `--mode verify_data` reports the maximum; raise this if needed.
+  c.data.max_len = 96
+  c.data.eval_split = 'testall'
+  c.model.bert_init = 'weights/bert-base-uncased.safetensors'
+  return aahr_common.set_quirks(c, arg.quirks)
