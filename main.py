@@ -52,5 +52,30 @@ def main(argv):
     sys.exit(EXIT_BAD_INPUT)
 
 
+def parse_flags(argv):
+  """absl flag parsing with one-line errors for bad configs and overrides (no tracebacks)."""
+  for i, arg in enumerate(argv[1:], start=1):
+    value = None
+    if arg.startswith('--config='):
+      value = arg[len('--config='):]
+    elif arg == '--config' and i + 1 < len(argv):
+      value = argv[i + 1]
+    if value is not None and not os.path.isfile(value.split(':')[0]):
+      print(f'error: config file not found: {value.split(":")[0]} (--config expects a path such '
+            'as configs/demo.py, optionally followed by :key=value,...)', file=sys.stderr)
+      sys.exit(EXIT_BAD_INPUT)
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as e:
+    detail = str(e.args[0]) if e.args else str(e)
+    culprit = [a for a in argv[1:] if a.startswith('--config')
+               and detail.strip('"\'').split("'")[-1] in a]
+    if culprit and isinstance(e, (KeyError, AttributeError)):
+      detail = f'no such config field {detail.strip(chr(34))} (see the config file for the fields)'
+    where = f' in {culprit[0]}' if culprit else ''
+    print(f'error: invalid command line{where}: {detail}', file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

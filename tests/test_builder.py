@@ -102,5 +102,5 @@ def test_synthetic_captions_need_binding():
   rng = np.random.default_rng(0)
   captions = [c for _ in range(200) for c in synthetic.make_captions(synthetic._sample_scene(rng), rng)]  # pylint: disable=protected-access
   relational = [c for c in captions if ' of a ' in c or ' above a ' in c]
-  partial = [c for c in captions if c.startswith(('a ', 'something')) and len(c.split()) <= 5]
-  assert len(relational) > 50 and len(partial) > 20
+  partial = [c for c in captions if len(c.split()) <= 6 and ' of ' not in c and ':' not in c]
+  assert len(relational) > 100 and len(partial) > 15

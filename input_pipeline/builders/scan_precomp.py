@@ -28,8 +28,8 @@ class ScanPrecomp(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version(VERSION)
   BUILDER_CONFIGS = [
       ScanPrecompConfig(name='butd', description='BUTD region features (2048-d)'),
-      ScanPrecompConfig(name='synthetic', region_dim=128,
-                        description='the embedded synthetic world (128-d regions)'),
+      ScanPrecompConfig(name='synthetic', region_dim=64,
+                        description='the embedded synthetic world (64-d regions)'),
   ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       'Place {split}_caps.txt, {split}_ims.npy and {split}_ids.txt (and id_mapping.json) in '
@@ -86,6 +86,8 @@ def build(manual_dir: str, data_dir: str, config_name: str = 'butd', region_dim:
     for split in scan_files.available_splits(manual_dir):  # fail fast with a precise message
       scan_files.open_split(manual_dir, split, expected_regions=config.num_regions,
                             expected_dim=config.region_dim)
+    print(f'Building the tfds dataset {builder.info.full_name} from {manual_dir} ...', flush=True)
+    tfds.disable_progress_bar()
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return builder
