@@ -63,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = 'vse_infinity'
   c.model.embed_size = 1024
+  c.model.region_hidden = 512    # hidden width of the region MLP
   c.model.bert = dict(BERT_BASE)
   c.model.bert_init = ''         # converted BERT (`python -m conversion bert`); '' = random init
   c.model.bn_mask_padding = False  # quirk Q8: faithful BN statistics include pads < batch max
