@@ -123,7 +123,7 @@ class _AAHRHead(nn.Module):
   def _head(self, local, lengths, clip_feature):
     width = local.shape[1]
     pooled = maxk_pool(local, lengths, 2)
-    pad = torch.arange(width)[None, :] >= lengths[:, None]
+    pad = torch.arange(width, device=local.device)[None, :] >= lengths[:, None]
     contextual = self.aggr(local.transpose(0, 1), src_key_padding_mask=pad).transpose(0, 1)
     g = self.fc_clip(clip_feature)
     attended = self.mha_pool(g, contextual)
