@@ -1,6 +1,7 @@
 """AdamW parameter groups, step-decay schedule and PyTorch-style global-norm clipping."""
 
 import re
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,24 +41,71 @@ def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def make_optimizer(optim_config, params, steps_per_epoch: int):
+class DelayedState(NamedTuple):
+  count: jax.Array  # calls so far (= global step)
+  inner: Any
+
+
+def start_at(inner: optax.GradientTransformation, first_step: int) -> optax.GradientTransformation:
+  """`inner` takes effect from global step `first_step` on; before that: no update, no state change.
+
+  PyTorch's AdamW skips a parameter whose gradient is None: no moment update, no weight decay,
+  and its bias-correction step count starts at its first real gradient (aahr_spec.md 3.1). The
+  prototypes and the relation module only get gradients once their loss is switched on.
+  """
+
+  def init(params):
+    return DelayedState(jnp.zeros((), jnp.int32), inner.init(params))
+
+  def update(updates, state, params=None):
+    active = state.count >= first_step
+    new_updates, new_inner = inner.update(updates, state.inner, params)
+    updates = jax.tree.map(lambda u: jnp.where(active, u, jnp.zeros_like(u)), new_updates)
+    kept = jax.tree.map(lambda n, o: jnp.where(active, n, o), new_inner, state.inner)
+    return updates, DelayedState(state.count + 1, kept)
+
+  return optax.GradientTransformation(init, update)
+
+
+def torch_adamw(schedule, mult: float, weight_decay: float, step_offset: int = 0):
+  """torch.optim.AdamW: p <- p - lr * (m_hat / (sqrt(v_hat) + eps) + wd * p).
+
+  The learning rate follows the global step: a group that starts late (step_offset) has its own
+  Adam count but reads the schedule at count + step_offset.
+  """
+  return optax.chain(
+      optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
+      optax.add_decayed_weights(weight_decay),
+      optax.scale_by_schedule(lambda count: -mult * schedule(count + step_offset)))
+
+
+def make_optimizer(optim_config, params, steps_per_epoch: int,
+                   late_groups: tuple[tuple[str, int], ...] = ()):
   """AdamW with per-group learning-rate multipliers; frozen groups never change.
 
-  Returns (optimizer, schedule) where schedule(step) is the base learning rate.
+  `late_groups`: (regex, first_step) pairs of parameters whose loss starts late; each gets its own
+  Adam state that starts at first_step (see `start_at`). Returns (optimizer, schedule) where
+  schedule(step) is the base learning rate.
   """
   schedule = step_decay_schedule(optim_config.lr, steps_per_epoch, optim_config.lr_schedules,
                                  optim_config.decay_rate)
   rules = [(pattern, 'frozen') for pattern in optim_config.frozen]
+  rules += [(pattern, f'late_{first}') for pattern, first in late_groups]
   rules += [(pattern, f'mult_{mult}') for pattern, mult in optim_config.lr_mults]
   rules.append(('.*', 'mult_1.0'))
   labels = path_labels(params, rules)
   transforms = {'frozen': optax.set_to_zero()}
+  late_mult = optim_config.get('graph_lr_factor', 1.0)
   for _, label in rules:
-    if label.startswith('mult_') and label not in transforms:
-      mult = float(label[len('mult_'):])
-      transforms[label] = optax.adamw(
-          lambda step, mult=mult: schedule(step) * mult, b1=0.9, b2=0.999, eps=1e-8,
-          weight_decay=optim_config.weight_decay)
+    if label in transforms:
+      continue
+    if label.startswith('mult_'):
+      transforms[label] = torch_adamw(schedule, float(label[len('mult_'):]),
+                                      optim_config.weight_decay)
+    elif label.startswith('late_'):
+      first = int(label[len('late_'):])
+      transforms[label] = start_at(
+          torch_adamw(schedule, late_mult, optim_config.weight_decay, step_offset=first), first)
   used = set(jax.tree.leaves(labels))
   transforms = {k: v for k, v in transforms.items() if k in used}
   tx = optax.chain(clip_by_global_norm_torch(optim_config.grad_clip),
