@@ -144,9 +144,9 @@ class FeatureWorld:
 
   def object_region(self, obj: dict, rng: np.random.Generator) -> np.ndarray:
     base = self.colour[obj['colour']] + self.shape[obj['shape']]
-    x = (base + 0.6 * self.size[obj['size']] + 0.5 * self.cell[obj['row'] * GRID + obj['col']]
+    x = (base + 0.8 * self.size[obj['size']] + 1.0 * self.cell[obj['row'] * GRID + obj['col']]
          + 0.8 * np.tanh(base @ self.binding))
-    return x + rng.normal(0, 0.5, self.dim)
+    return x + rng.normal(0, 0.4, self.dim)
 
   def part_region(self, obj: dict, rng: np.random.Generator) -> np.ndarray:
     part = self.colour[obj['colour']] if rng.random() < 0.5 else self.shape[obj['shape']]
