@@ -25,6 +25,19 @@ def _check_shape(sims: np.ndarray) -> int:
   return sims.shape[0]
 
 
+def argsort_rank_i2t(row: np.ndarray, image: int) -> int:
+  """The original's i2t rank of one row: best position of the image's captions in the
+  reversed `np.argsort` (which orders exactly tied scores in an unspecified but fixed way)."""
+  order = np.argsort(row)[::-1]
+  return int(min(np.where(order == c)[0][0] for c in range(5 * image, 5 * image + 5)))
+
+
+def argsort_rank_t2i(column: np.ndarray, image: int) -> int:
+  """The original's t2i rank of one caption's column: position of its own image."""
+  order = np.argsort(column)[::-1]
+  return int(np.where(order == image)[0][0])
+
+
 def i2t_ranks(sims: np.ndarray) -> tuple[np.ndarray, int]:
   """0-based rank of each image's best caption; also the number of rows with a tie at it."""
   n = _check_shape(sims)
@@ -39,9 +52,8 @@ def i2t_ranks(sims: np.ndarray) -> tuple[np.ndarray, int]:
     equal = (rows == best).sum(axis=1) - (own == best).sum(axis=1)  # non-positives tied with it
     ranks[start:start + rows.shape[0]] = greater
     tied_rows.extend(idx[equal > 0].tolist())
-  for i in tied_rows:  # the original procedure, verbatim in effect
-    order = np.argsort(sims[i])[::-1]
-    ranks[i] = min(np.where(order == c)[0][0] for c in range(5 * i, 5 * i + 5))
+  for i in tied_rows:
+    ranks[i] = argsort_rank_i2t(sims[i], i)
   return ranks, len(tied_rows)
 
 
@@ -59,8 +71,7 @@ def t2i_ranks(sims: np.ndarray) -> tuple[np.ndarray, int]:
     tied = (cols == own).sum(axis=1) > 1
     tied_cols.extend(caption[tied].tolist())
   for c in tied_cols:
-    order = np.argsort(sims_t[c])[::-1]
-    ranks[c] = np.where(order == c // 5)[0][0]
+    ranks[c] = argsort_rank_t2i(sims_t[c], c // 5)
   return ranks, len(tied_cols)
 
 
