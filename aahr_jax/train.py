@@ -15,9 +15,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from flax import traverse_util
 from tqdm import tqdm
 
+from aahr_jax import aahr_step
 from aahr_jax import checkpoint
 from aahr_jax import evaluate
 from aahr_jax import losses
@@ -31,27 +33,41 @@ from input_pipeline import loader
 # Fields of a host batch that go to the device for a training step.
 TRAIN_FIELDS = ('regions', 'region_len', 'bert_ids', 'bert_len', 'caption_index',
                 'image_index', 'valid')
+CLIP_FIELDS = ('clip_image', 'clip_text')
 
 
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
-  params: Any
+  params: Any  # AAHR: {'img', 'txt', 'criterion': {'prototypes', 'relation'}}
   batch_stats: Any
   opt_state: Any
   rng: jax.Array
+  extra: Any  # AAHR: momentum encoders and MoCo queues; {} for VSE-infinity
+
+
+def uses_clip(config) -> bool:
+  return config.model.name == 'aahr'
+
+
+def device_fields(config) -> tuple[str, ...]:
+  return TRAIN_FIELDS + (CLIP_FIELDS if uses_clip(config) else ())
 
 
 def sample_batch(config, batch_size: int) -> dict:
   """A zero batch with the training shapes (for initialisation and shape inference)."""
   n, f, length = config.data.num_regions, config.data.region_dim, config.data.max_len
-  return {'regions': np.zeros((batch_size, n, f), np.float32),
-          'region_len': np.full((batch_size,), n, np.int32),
-          'bert_ids': np.zeros((batch_size, length), np.int32),
-          'bert_len': np.full((batch_size,), 2, np.int32),
-          'caption_index': np.zeros((batch_size,), np.int32),
-          'image_index': np.zeros((batch_size,), np.int32),
-          'valid': np.ones((batch_size,), bool)}
+  batch = {'regions': np.zeros((batch_size, n, f), np.float32),
+           'region_len': np.full((batch_size,), n, np.int32),
+           'bert_ids': np.zeros((batch_size, length), np.int32),
+           'bert_len': np.full((batch_size,), 2, np.int32),
+           'caption_index': np.zeros((batch_size,), np.int32),
+           'image_index': np.zeros((batch_size,), np.int32),
+           'valid': np.ones((batch_size,), bool)}
+  if uses_clip(config):
+    for name in CLIP_FIELDS:
+      batch[name] = np.zeros((batch_size, config.model.clip_dim), np.float32)
+  return batch
 
 
 def load_pretrained(config, params):
@@ -80,6 +96,14 @@ def load_pretrained(config, params):
 
 
 def make_train_step(model, tx, config, steps_per_epoch: int, schedule):
+  """The jittable step of the configured model: AAHR's (aahr_step.py) or VSE-infinity's."""
+  if config.model.name == 'aahr':
+    return aahr_step.make_train_step(model, tx, config, schedule)
+  return make_vse_train_step(model, tx, config, steps_per_epoch, schedule)
+
+
+def make_vse_train_step(model, tx, config, steps_per_epoch: int, schedule):
+  """VSE++ max-violation hinge after `vse_mean_warmup_epochs` of all-negatives (GPO recipe)."""
   warmup_epochs = config.loss.vse_mean_warmup_epochs
 
   def train_step(state: TrainState, batch: dict):
@@ -96,10 +120,14 @@ def make_train_step(model, tx, config, steps_per_epoch: int, schedule):
       return loss, updates['batch_stats']
 
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # otherwise skip the update
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = jax.tree.map(lambda p, u: p + u, state.params, updates)
-    metrics = {'loss': loss, 'grad_norm': jax.numpy.sqrt(sum(
-        jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))), 'lr': schedule(state.step)}
+    params = jax.tree.map(lambda p, u: jnp.where(finite, p + u, p), state.params, updates)
+    opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), opt_state,
+                             state.opt_state)
+    metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step),
+               'skipped': (~finite).astype(jnp.int32)}
     return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                          opt_state=opt_state), metrics
 
@@ -132,19 +160,30 @@ class MetricsWriter:
       self.tb.close()
 
 
-def create_state(model, tx, config, mesh, batch_size: int):
-  """Shapes first (eval_shape), then a jitted init whose outputs are born replicated."""
+def create_state_fn(model, tx, config, batch_size: int):
+  """rng -> a fresh TrainState (model, criterion and momentum parameters, optimizer state)."""
   batch = sample_batch(config, batch_size)
-  rng = jax.random.PRNGKey(config.seed)
 
   def init(rng):
-    init_rng, state_rng = jax.random.split(rng)
+    init_rng, state_rng, criterion_rng, extra_rng = jax.random.split(rng, 4)
     variables = model.init({'params': init_rng, 'dropout': init_rng}, batch, train=False)
-    params = variables['params']
+    params = dict(variables['params'])
+    extra = {}
+    if config.model.name == 'aahr':
+      out = jax.eval_shape(lambda: model.apply(variables, batch, train=False))
+      params['criterion'] = aahr_step.init_criterion(config, out, criterion_rng)
+      extra = aahr_step.init_extra(config, params, extra_rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
-                      rng=state_rng)
+                      rng=state_rng, extra=extra)
 
+  return init
+
+
+def create_state(model, tx, config, mesh, batch_size: int):
+  """Shapes first (eval_shape), then a jitted init whose outputs are born replicated."""
+  init = create_state_fn(model, tx, config, batch_size)
+  rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(init, rng)
   shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
   return jax.jit(init, out_shardings=shardings)(rng), shardings
@@ -157,10 +196,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str):
   steps_per_epoch = loader.steps_per_epoch(train_split, config.batch_size)
   model = aahr.build_model(config.model)
   mesh = sharding.create_mesh(config.mesh)
-  shapes = jax.eval_shape(lambda: model.init(
-      {'params': jax.random.PRNGKey(0), 'dropout': jax.random.PRNGKey(0)},
-      sample_batch(config, 2), train=False))
-  tx, schedule = optim.make_optimizer(config.optim, shapes['params'], steps_per_epoch)
+  shapes = jax.eval_shape(lambda: create_state_fn(model, optax.identity(), config, config.batch_size)(
+      jax.random.PRNGKey(0)).params)
+  late = aahr_step.late_groups(config) if config.model.name == 'aahr' else ()
+  tx, schedule = optim.make_optimizer(config.optim, shapes, steps_per_epoch, late_groups=late)
   state, state_shardings = create_state(model, tx, config, mesh, config.batch_size)
   return {'builder': builder, 'train_split': train_split, 'steps_per_epoch': steps_per_epoch,
           'model': model, 'mesh': mesh, 'tx': tx, 'schedule': schedule, 'state': state,
@@ -217,7 +256,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     batch = next(batches)
     truncated += int(batch['truncated'].sum())
     state, metrics = train_step(state, sharding.global_batch(
-        {k: batch[k] for k in TRAIN_FIELDS}, mesh))
+        {k: batch[k] for k in device_fields(config)}, mesh))
     done = step + 1
     if done % config.log_every_steps == 0 or done == total_steps:
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
