@@ -27,11 +27,19 @@ def make_embed_fns(model, mesh):
   """Jitted image and caption embedding functions (eval mode), outputs gathered replicated."""
   out = sharding.replicated(mesh)
 
+  # Models with a CLIP branch (AAHR) take the frozen CLIP features as a third input; their
+  # caption embeddings also depend on the batch's longest *valid* caption (quirk Q20).
   def embed_images(variables, batch):
+    if 'clip_image' in batch:
+      return model.apply(variables, batch['regions'], batch['region_len'], batch['clip_image'],
+                         batch['valid'], method=model.embed_images)
     return model.apply(variables, batch['regions'], batch['region_len'], batch['valid'],
                        method=model.embed_images)
 
   def embed_captions(variables, batch):
+    if 'clip_text' in batch:
+      return model.apply(variables, batch['bert_ids'], batch['bert_len'], batch['clip_text'],
+                         batch['valid'], method=model.embed_captions)
     return model.apply(variables, batch['bert_ids'], batch['bert_len'],
                        method=model.embed_captions)
 
@@ -39,7 +47,7 @@ def make_embed_fns(model, mesh):
 
 
 def _keep(batch: dict, keys) -> dict:
-  return {k: batch[k] for k in keys}
+  return {k: batch[k] for k in keys if k in batch}
 
 
 def encode_split(model, variables, split: loader.SplitSource, *, mesh, batch_size: int,
@@ -53,7 +61,7 @@ def encode_split(model, variables, split: loader.SplitSource, *, mesh, batch_siz
   for batch in loader.eval_image_batches(split, batch_size):
     valid = batch['valid']
     emb = embed_images(variables, sharding.global_batch(
-        _keep(batch, ('regions', 'region_len', 'valid')), mesh))
+        _keep(batch, ('regions', 'region_len', 'valid', 'clip_image')), mesh))
     images.append(np.asarray(emb)[valid])
     done += 1
     if progress and done % 10 == 0:
@@ -62,7 +70,7 @@ def encode_split(model, variables, split: loader.SplitSource, *, mesh, batch_siz
   for batch in loader.eval_caption_batches(split, batch_size, text):
     valid = batch['valid']
     emb = embed_captions(variables, sharding.global_batch(
-        _keep(batch, ('bert_ids', 'bert_len')), mesh))
+        _keep(batch, ('bert_ids', 'bert_len', 'valid', 'clip_text')), mesh))
     captions.append(np.asarray(emb)[valid])
     done += 1
     if progress and done % 10 == 0:
