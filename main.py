@@ -16,7 +16,9 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path.py[:args]).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'build_data'], 'What to do.')
+_MODE = flags.DEFINE_enum('mode', 'train',
+                          ['train', 'eval', 'build_data', 'clip_cache', 'verify_data'],
+                          'What to do.')
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None,
                                   '--mode eval: checkpoint step to evaluate (default: latest).')
 
@@ -46,6 +48,12 @@ def main(argv):
       builder = datasets.build(config, _WORKDIR.value)
       print(f'Built {builder.info.full_name} at {builder.data_dir}: '
             + ', '.join(f'{k} {v.num_examples} images' for k, v in builder.info.splits.items()))
+    elif _MODE.value == 'clip_cache':
+      from input_pipeline import clip_cache  # pylint: disable=import-outside-toplevel
+      print(f'CLIP features ready in {clip_cache.build(config, _WORKDIR.value)}')
+    elif _MODE.value == 'verify_data':
+      from input_pipeline import verify  # pylint: disable=import-outside-toplevel
+      sys.exit(verify.main(config, _WORKDIR.value))
   except (datasets.DataError, FileNotFoundError, KeyError) as e:
     message = e.args[0] if isinstance(e, KeyError) and e.args else e
     print(f'error: {message}', file=sys.stderr)

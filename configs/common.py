@@ -59,6 +59,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.size_augment = True     # training region dropout p = 0.2
   c.data.word_augment = True     # training word-level token augmentation p = 0.2
   c.data.num_threads = 2
+  c.data.layout = 'auto'         # auto | aahr | vse_infty | hrem | flat (input_pipeline/layouts.py)
+  c.data.feature_dtype = 'float32'  # stored region features: float32 or float16 (half the disk)
+  c.data.dev_captions = 5000     # `dev` is truncated to its first 5,000 captions, as the originals
+  c.data.clip_cache = ''         # '' -> <data_dir>/clip_cache/<clip name>/<builder config>
+  c.data.clip_online = False     # compute CLIP features in the input pipeline instead of the cache
+  c.data.clip_batch_size = 256   # CLIP featurisation batch (cache build and online)
+  c.data.verify_deep = False     # --mode verify_data: also the V12 CLIP pairing probe
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'vse_infinity'
@@ -67,6 +74,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.bert = dict(BERT_BASE)
   c.model.bert_init = ''         # converted BERT (`python -m conversion bert`); '' = random init
   c.model.bn_mask_padding = False  # quirk Q8: faithful BN statistics include pads < batch max
+  c.model.use_clip = False       # batches carry clip_image / clip_text features (AAHR: always)
+  c.model.clip_checkpoint = ''   # converted CLIP (`python -m conversion open_clip`); demo: random
+  c.model.clip_dim = 512         # CLIP feature width (ViT-B/32 and the demo CLIP: 512)
 
   c.loss = ml_collections.ConfigDict(dict(name='vse', margin=0.2, vse_mean_warmup_epochs=1))
 

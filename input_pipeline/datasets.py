@@ -1,10 +1,18 @@
-"""Resolving a config's data: generate the synthetic world if needed, build tfds, open splits."""
+"""Resolving a config's data: generate the synthetic world if needed, build tfds, open splits.
+
+`build(config, workdir)` returns the prepared builder and remembers the config on it
+(`builder.run_config`), so `open_split(builder, split)` can attach what the config asks for:
+the `dev` truncation and, when the model takes CLIP features, the cached (or online) features.
+"""
 
 import os
 
+from input_pipeline import clip_features
+from input_pipeline import layouts
 from input_pipeline import loader
 from input_pipeline import scan_files
 from input_pipeline import synthetic
+from input_pipeline import verify
 from input_pipeline.builders import scan_precomp
 
 DataError = scan_files.DataError
@@ -26,7 +34,7 @@ def manual_dir(config, workdir: str) -> str:
     return config.data.manual_dir
   if config.data.name != 'synthetic':
     raise DataError(f'config.data.manual_dir is empty but dataset {config.data.name!r} needs its '
-                    'files: pass --config.data.manual_dir=/path/to/precomp')
+                    'files: pass --config.data.manual_dir=/path/to/data')
   path = _synthetic_dir(config, workdir)
   if not os.path.isdir(path):
     syn = config.data.synthetic
@@ -36,21 +44,96 @@ def manual_dir(config, workdir: str) -> str:
   return path
 
 
+def data_dir(config, workdir: str) -> str:
+  return config.data.data_dir or os.path.join(workdir, 'data', 'tfds')
+
+
+def dataset_name(config) -> str:
+  """The folder naming of data_eval_spec.md 1.1: f30k, coco, synthetic, or a generic precomp."""
+  if config.data.name in ('f30k', 'coco'):
+    return config.data.name
+  if config.data.name == 'synthetic' and not config.data.manual_dir:
+    return 'synthetic'
+  return 'precomp'
+
+
+def builder_config_name(config) -> str:
+  name = dataset_name(config)
+  return {'f30k': 'f30k_precomp', 'coco': 'coco_precomp', 'synthetic': 'synthetic'}.get(name,
+                                                                                        'butd')
+
+
+def layout(config, workdir: str) -> layouts.Layout:
+  return layouts.find(manual_dir(config, workdir), dataset_name(config),
+                      config.data.get('layout', 'auto'))
+
+
 def build(config, workdir: str):
   """The prepared tfds builder of the config's dataset."""
   raw = manual_dir(config, workdir)
-  data_dir = config.data.data_dir or os.path.join(workdir, 'data', 'tfds')
-  name = 'synthetic' if config.data.name == 'synthetic' and not config.data.manual_dir else 'butd'
-  return scan_precomp.build(raw, data_dir, name, region_dim=config.data.region_dim)
+  name, dtype = builder_config_name(config), config.data.get('feature_dtype', 'float32')
+  if not scan_precomp.is_built(data_dir(config, workdir), name, config.data.region_dim, dtype):
+    verify.cheap_checks(config, raw)   # every problem of the raw files at once, before building
+  builder = scan_precomp.build(
+      raw, data_dir(config, workdir), name, region_dim=config.data.region_dim,
+      feature_dtype=dtype, layout=config.data.get('layout', 'auto'),
+      require_images=clip_features.clip_wanted(config))
+  builder.run_config = config
+  builder.run_workdir = workdir
+  return builder
 
 
-def open_split(builder, split: str) -> loader.SplitSource:
+def open_split(builder, split: str, config=None, workdir: str | None = None) -> loader.SplitSource:
+  """One split, `dev` truncated to its first dev_captions captions as the originals do, with the
+  CLIP features attached when the config's model takes them."""
   if split not in builder.info.splits:
     raise DataError(f'split {split!r} not in the dataset at {builder.data_dir}; available: '
                     f'{sorted(builder.info.splits)}')
-  max_captions = scan_files.DEV_MAX_CAPTIONS if split == 'dev' else None
-  return loader.SplitSource(builder.as_data_source(split), max_captions=max_captions)
+  config = config or getattr(builder, 'run_config', None)
+  workdir = workdir or getattr(builder, 'run_workdir', None)
+  dev_captions = scan_files.DEV_MAX_CAPTIONS
+  if config is not None:
+    dev_captions = config.data.get('dev_captions', dev_captions)
+  source = builder.as_data_source(split)
+  result = loader.SplitSource(source, max_captions=dev_captions if split == 'dev' else None)
+  if config is not None and clip_features.clip_wanted(config):
+    result.clip = clip_for_split(config, workdir, builder, split, source)
+  return result
+
+
+def clip_for_split(config, workdir: str, builder, split: str, source):
+  """CachedClip (the default) or OnlineClip (config.data.clip_online) for one split."""
+  root = data_dir(config, workdir)
+  checkpoint = clip_features.checkpoint_path(config, root)
+  if clip_features.clip_online(config):
+    from input_pipeline import clip_encoder   # pylint: disable=import-outside-toplevel
+    encoder = clip_encoder.ClipEncoder(checkpoint, batch_size=config.data.get('clip_batch_size',
+                                                                              256))
+    return clip_features.OnlineClip(encoder, source.source, layout(config, workdir))
+  folder = os.path.join(clip_features.cache_dir(config, root, builder.builder_config.name,
+                                                checkpoint), split)
+  info = builder.info.splits[split]
+  return clip_features.CachedClip(folder, info.num_examples, 5 * info.num_examples, checkpoint)
 
 
 def text_options(config) -> loader.TextOptions:
   return loader.TextOptions(max_len=config.data.max_len, vocab_path=config.data.vocab_path or None)
+
+
+def fold_ranges(split: loader.SplitSource, folds: int = 5) -> list[tuple[range, range]]:
+  """(images, captions) of each contiguous fold (COCO 5-fold 1K on testall, spec 3.2)."""
+  if split.num_images % folds:
+    raise DataError(f'{split.num_images} images do not split into {folds} equal folds')
+  n = split.num_images // folds
+  return [(range(f * n, (f + 1) * n), range(5 * f * n, 5 * (f + 1) * n)) for f in range(folds)]
+
+
+def check_eval_protocol(config, split_name: str, split: loader.SplitSource) -> None:
+  """COCO 1K is the 5-fold mean over testall; refuse the fold protocol on COCO `test` (1K)."""
+  if config.eval.get('protocol') != 'coco':
+    return
+  if config.data.name == 'coco' and split.num_images != 5000:
+    raise DataError(f'eval.protocol=coco needs the 5,000-image testall split; {split_name!r} has '
+                    f'{split.num_images:,} images (COCO 1K results are the mean of the 5 folds of '
+                    'testall, never an evaluation of `test`)')
+  fold_ranges(split)

@@ -1,13 +1,21 @@
 """Grain pipelines producing fixed-shape numpy batches with masks (data_eval_spec.md 2.7).
 
 Training: one seeded permutation of the caption indices per epoch, floor(C / B) steps per epoch
-(the originals' `drop_last`), word-level token augmentation and region dropout with a random
-generator derived from (seed, global example position), so a run restarted at step s sees
-exactly the batches it would have seen: the data position is a pure function of the step.
-Each process reads only its slice of every global batch.
+(the originals' `drop_last`); word-level token augmentation and region dropout drawn from a
+generator seeded by (seed, step) for the whole global batch. Each process computes the small
+per-caption draws of the global batch (so `batch_max_len`, `batch_max_regions` and `repeat` are
+global) and gathers the regions and CLIP features of its own slice only (per-host sharding).
 
-Evaluation: images once each, in split order; captions in file order; the last batch is padded
-with rows whose `valid` is False.
+Iterator state: the data position is a pure function of the step. Batch s depends only on
+(seed, s, batch size, the split); `train_iterator(..., start_step=s)` continues a run exactly
+where a checkpoint taken after step s left it, so the checkpointed step number *is* the iterator
+state (`iterator_state` gives the derived epoch and position for logs and metadata).
+
+Evaluation: images once each, in split order; captions in file order without augmentation; the
+last batch is padded with rows whose `valid` is False (they do not enter the batch maxima).
+
+Captions longer than the static width `max_len` are cut (their last token becomes [SEP]) and
+flagged in `truncated`; `length_bucket` picks a width that covers a given share of captions.
 """
 
 import dataclasses
@@ -16,44 +24,112 @@ import functools
 import grain
 import numpy as np
 
-from input_pipeline import bert_tokenizer
+from input_pipeline import caption_tokens
 
 REGION_KEEP_PROB = 0.8  # training region dropout: keep region r iff u_r > 0.2
+DEFAULT_COVERAGE = 0.999
 
 
 @dataclasses.dataclass(frozen=True)
 class TextOptions:
-  max_len: int = 64  # static token width; captions longer are truncated (counted, see below)
+  max_len: int = 64  # static token width; captions longer are truncated (counted, see above)
   vocab_path: str | None = None
 
 
-def _truncate(ids: list[int], max_len: int) -> tuple[list[int], bool]:
-  if len(ids) <= max_len:
-    return ids, False
-  return ids[:max_len - 1] + [bert_tokenizer.SEP_ID], True
-
-
 class SplitSource:
-  """Random access to one split of a built SCAN precomp dataset (a tfds data source)."""
+  """Random access to one split of a built SCAN precomp dataset.
 
-  def __init__(self, data_source, max_captions: int | None = None):
+  `data_source` is the builder's data source (examples plus a `regions` memory map); `clip`, when
+  set, gives CLIP features by index (`images(idx)`, `texts(idx)`: clip_cache.py).
+  """
+
+  def __init__(self, data_source, max_captions: int | None = None, clip=None):
     self.source = data_source
+    self.regions = getattr(data_source, 'regions', None)   # memory map [n, R, D] or None
     self.num_images = len(data_source)
     if max_captions is not None:  # `dev` is truncated to its first 5,000 captions by the originals
       self.num_images = min(self.num_images, max_captions // 5)
     self.num_captions = 5 * self.num_images
+    self.clip = clip
+    self._tokens = {}
 
   def image(self, i: int) -> dict:
     return self.source[i]
 
+  @functools.cached_property
+  def captions(self) -> list[str]:
+    """The split's captions in file order (caption c belongs to image c // 5)."""
+    examples = getattr(self.source, 'source', self.source)   # skip the regions join
+    out = []
+    for i in range(self.num_images):
+      out.extend(_text(t) for t in examples[i]['captions'])
+    return out
 
-def _caption_text(example: dict, k: int) -> str:
-  text = example['captions'][k]
-  return text.decode('utf-8') if isinstance(text, bytes) else text
+  def tokens(self, vocab_path: str | None = None) -> caption_tokens.CaptionTokens:
+    if vocab_path not in self._tokens:
+      self._tokens[vocab_path] = caption_tokens.tokenize(self.captions, vocab_path)
+    return self._tokens[vocab_path]
+
+  def region_rows(self, images: np.ndarray, order: np.ndarray | None = None) -> np.ndarray:
+    """float32 [n, R, D] regions of the given images; with `order` [n, R], row i holds regions
+    order[i] of image i (one gather from the memory map, no intermediate copy)."""
+    images = np.asarray(images, np.int64)
+    if self.regions is None:
+      rows = np.stack([np.asarray(self.image(int(i))['regions'], np.float32) for i in images])
+      return rows if order is None else np.take_along_axis(rows, order[:, :, None], axis=1)
+    if order is None:
+      return np.asarray(self.regions[images], np.float32)
+    n, r, d = self.regions.shape
+    flat = self.regions.reshape(n * r, d)
+    return np.asarray(flat[(images[:, None] * r + order).reshape(-1)], np.float32).reshape(
+        len(images), r, d)
 
 
-class _TrainExample:
-  """Global example position -> one augmented (image, caption) training example."""
+def _text(value) -> str:
+  return value.decode('utf-8') if isinstance(value, bytes) else value
+
+
+def length_bucket(lengths: np.ndarray, coverage: float = DEFAULT_COVERAGE, multiple: int = 8) -> int:
+  """Smallest multiple of `multiple` that holds at least `coverage` of the lengths."""
+  ordered = np.sort(np.asarray(lengths))
+  needed = int(ordered[max(int(np.ceil(coverage * len(ordered))), 1) - 1]) if len(ordered) else 2
+  return max(multiple, -(-needed // multiple) * multiple)
+
+
+def iterator_state(step: int, split: SplitSource, batch_size: int, seed: int) -> dict:
+  """What the iterator state amounts to at `step` (the next batch to produce)."""
+  epoch, position = divmod(step, steps_per_epoch(split, batch_size))
+  return {'step': step, 'epoch': epoch, 'batch_in_epoch': position, 'seed': seed,
+          'caption_position': position * batch_size}
+
+
+def _drop_regions(u: np.ndarray, n_regions: int) -> tuple[np.ndarray, np.ndarray]:
+  """(region order with kept ones first, kept count) per row; all kept if none survives."""
+  keep = u > 1.0 - REGION_KEEP_PROB
+  keep[~keep.any(axis=1)] = True   # p = 0.2^36: keep all (the original would crash)
+  order = np.argsort(~keep, axis=1, kind='stable')
+  return order, keep.sum(axis=1).astype(np.int32)
+
+
+def _gather_regions(split: SplitSource, images: np.ndarray, order: np.ndarray | None,
+                    counts: np.ndarray) -> np.ndarray:
+  regions = split.region_rows(images, order)
+  if order is not None:
+    regions[np.arange(regions.shape[1])[None, :] >= counts[:, None]] = 0.0
+  return regions
+
+
+def _clip_fields(split: SplitSource, images: np.ndarray, captions: np.ndarray | None) -> dict:
+  if split.clip is None:
+    return {}
+  out = {'clip_image': split.clip.images(images)}
+  if captions is not None:
+    out['clip_text'] = split.clip.texts(captions)
+  return out
+
+
+class _TrainBatch:
+  """Global step -> this process's slice of the augmented training batch."""
 
   def __init__(self, split: SplitSource, *, batch_size: int, seed: int, text: TextOptions,
                size_augment: bool, word_augment: bool, local_batch: int, process_index: int):
@@ -66,61 +142,48 @@ class _TrainExample:
     self.text = text
     self.size_augment = size_augment
     self.word_augment = word_augment
-    self.local_batch = local_batch
-    self.process_index = process_index
-    self.tokenizer = bert_tokenizer.get_tokenizer(text.vocab_path)
+    self.local = slice(process_index * local_batch, (process_index + 1) * local_batch)
+    self.tokens = split.tokens(text.vocab_path)
+    self.num_regions = (split.regions.shape[1] if split.regions is not None
+                        else np.asarray(split.image(0)['regions']).shape[0])
 
   @functools.lru_cache(maxsize=2)
   def permutation(self, epoch: int) -> np.ndarray:
     return np.random.default_rng([self.seed, epoch]).permutation(self.split.num_captions)
 
-  def __call__(self, local_position: int) -> dict:
-    step, slot = divmod(int(local_position), self.local_batch)
-    slot += self.process_index * self.local_batch
-    epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
-    caption = int(self.permutation(epoch)[step_in_epoch * self.batch_size + slot])
-    rng = np.random.default_rng([self.seed, 1, step * self.batch_size + slot])
-    example = self.split.image(caption // 5)
-    regions = np.asarray(example['regions'], np.float32)
-    n_regions = regions.shape[0]
+  def __call__(self, step: int) -> dict:
+    step = int(step)
+    epoch, in_epoch = divmod(step, self.steps_per_epoch)
+    start = in_epoch * self.batch_size
+    captions = self.permutation(epoch)[start:start + self.batch_size]
+    rng = np.random.default_rng([self.seed, 1, step])
+    b = len(captions)
     if self.size_augment:
-      keep = rng.random(n_regions) > 1.0 - REGION_KEEP_PROB
-      if keep.any():  # all dropped (p = 0.2^36): keep all; the original would crash
-        kept = regions[keep]
-        regions = np.zeros_like(regions)
-        regions[:len(kept)] = kept
-        n_regions = len(kept)
-    words = self.tokenizer.word_pieces(_caption_text(example, caption % 5))
-    if self.word_augment:
-      pieces = bert_tokenizer.augment_words(words, rng, self.tokenizer.vocab_size)
+      order, counts = _drop_regions(rng.random((b, self.num_regions)), self.num_regions)
     else:
-      pieces = [i for w in words for i in w]
-    ids, truncated = _truncate([bert_tokenizer.CLS_ID] + pieces + [bert_tokenizer.SEP_ID],
-                               self.text.max_len)
-    return {'regions': regions, 'region_len': n_regions, 'bert_ids': ids,
-            'caption_index': caption, 'image_index': caption // 5, 'truncated': truncated}
-
-
-def collate(examples: list[dict], max_len: int, valid: list[bool] | None = None) -> dict:
-  """Stacks examples into the fixed-shape batch contract (spec 2.7)."""
-  b = len(examples)
-  bert_ids = np.zeros((b, max_len), np.int32)
-  bert_len = np.zeros((b,), np.int32)
-  for row, ex in enumerate(examples):
-    ids = ex['bert_ids']
-    bert_ids[row, :len(ids)] = ids
-    bert_len[row] = len(ids)
-  return {
-      'regions': np.stack([ex['regions'] for ex in examples]).astype(np.float32),
-      'region_len': np.asarray([ex['region_len'] for ex in examples], np.int32),
-      'bert_ids': bert_ids,
-      'bert_len': bert_len,
-      'bert_mask': bert_ids != 0,
-      'caption_index': np.asarray([ex['caption_index'] for ex in examples], np.int32),
-      'image_index': np.asarray([ex['image_index'] for ex in examples], np.int32),
-      'valid': np.asarray(valid if valid is not None else [True] * b, bool),
-      'truncated': np.asarray([ex.get('truncated', False) for ex in examples], bool),
-  }
+      order, counts = None, np.full(b, self.num_regions, np.int32)
+    ids, lengths, truncated = caption_tokens.encode_batch(
+        self.tokens, captions, self.text.max_len, rng if self.word_augment else None)
+    images = captions // 5
+    mine = captions[self.local]
+    batch = {
+        'regions': _gather_regions(self.split, images[self.local],
+                                   None if order is None else order[self.local],
+                                   counts[self.local]),
+        'region_len': counts[self.local],
+        'bert_ids': ids[self.local],
+        'bert_len': lengths[self.local],
+        'bert_mask': ids[self.local] != 0,
+        'caption_index': mine.astype(np.int32),
+        'image_index': (mine // 5).astype(np.int32),
+        'valid': np.ones(len(mine), bool),
+        'truncated': truncated[self.local],
+        'batch_max_len': np.int32(lengths.max()),
+        'batch_max_regions': np.int32(counts.max()),
+        'repeat': np.int32(b - len(np.unique(images))),
+    }
+    batch.update(_clip_fields(self.split, mine // 5, mine))
+    return batch
 
 
 def train_iterator(split: SplitSource, *, batch_size: int, num_steps: int, seed: int,
@@ -130,49 +193,99 @@ def train_iterator(split: SplitSource, *, batch_size: int, num_steps: int, seed:
   """Batches for steps [start_step, num_steps) of this process: dicts of numpy arrays."""
   if batch_size % process_count:
     raise ValueError(f'batch size {batch_size} is not divisible by {process_count} processes')
-  local_batch = batch_size // process_count
-  make = _TrainExample(split, batch_size=batch_size, seed=seed, text=text,
-                       size_augment=size_augment, word_augment=word_augment,
-                       local_batch=local_batch, process_index=process_index)
-  ds = (grain.MapDataset.range(start_step * local_batch, num_steps * local_batch)
-        .map(make)
-        .batch(local_batch, drop_remainder=True,
-               batch_fn=functools.partial(collate, max_len=text.max_len)))
+  make = _TrainBatch(split, batch_size=batch_size, seed=seed, text=text,
+                     size_augment=size_augment, word_augment=word_augment,
+                     local_batch=batch_size // process_count, process_index=process_index)
+  ds = grain.MapDataset.range(start_step, num_steps).map(make)
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                                    prefetch_buffer_size=prefetch * local_batch)))
+                                                    prefetch_buffer_size=prefetch)))
 
 
 def steps_per_epoch(split: SplitSource, batch_size: int) -> int:
   return split.num_captions // batch_size
 
 
-def _pad_batch(rows: list[dict], batch_size: int, max_len: int) -> dict:
-  valid = [True] * len(rows) + [False] * (batch_size - len(rows))
-  rows = rows + [rows[-1]] * (batch_size - len(rows))
-  return collate(rows, max_len, valid)
+def collate(examples: list[dict], max_len: int, valid: list[bool] | None = None) -> dict:
+  """Stacks examples (regions, region_len, bert_ids list, caption_index, image_index) into the
+  fixed-shape batch contract (spec 2.7); batch maxima are over the valid rows."""
+  b = len(examples)
+  bert_ids = np.zeros((b, max_len), np.int32)
+  bert_len = np.zeros((b,), np.int32)
+  for row, ex in enumerate(examples):
+    ids = ex['bert_ids']
+    bert_ids[row, :len(ids)] = ids
+    bert_len[row] = len(ids)
+  valid = np.asarray(valid if valid is not None else [True] * b, bool)
+  batch = {
+      'regions': np.stack([ex['regions'] for ex in examples]).astype(np.float32),
+      'region_len': np.asarray([ex['region_len'] for ex in examples], np.int32),
+      'bert_ids': bert_ids,
+      'bert_len': bert_len,
+      'bert_mask': bert_ids != 0,
+      'caption_index': np.asarray([ex['caption_index'] for ex in examples], np.int32),
+      'image_index': np.asarray([ex['image_index'] for ex in examples], np.int32),
+      'valid': valid,
+      'truncated': np.asarray([ex.get('truncated', False) for ex in examples], bool),
+  }
+  return _add_maxima(batch)
+
+
+def _add_maxima(batch: dict) -> dict:
+  valid = batch['valid']
+  batch['batch_max_len'] = np.int32(batch['bert_len'][valid].max(initial=0))
+  batch['batch_max_regions'] = np.int32(batch['region_len'][valid].max(initial=0))
+  batch['repeat'] = np.int32(valid.sum() - len(np.unique(batch['image_index'][valid])))
+  return batch
+
+
+def _padded(indices: range, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """(indices padded to batch_size by repeating the last one, valid mask)."""
+  idx = np.asarray(indices, np.int64)
+  valid = np.arange(batch_size) < len(idx)
+  return np.concatenate([idx, np.full(batch_size - len(idx), idx[-1])]), valid
 
 
 def eval_image_batches(split: SplitSource, batch_size: int, max_len: int = 2):
   """Each image once, all regions, in split order; last batch padded (valid=False)."""
   for start in range(0, split.num_images, batch_size):
-    rows = []
-    for i in range(start, min(start + batch_size, split.num_images)):
-      regions = np.asarray(split.image(i)['regions'], np.float32)
-      rows.append({'regions': regions, 'region_len': regions.shape[0], 'bert_ids': [],
-                   'caption_index': 5 * i, 'image_index': i})
-    yield _pad_batch(rows, batch_size, max_len)
+    images, valid = _padded(range(start, min(start + batch_size, split.num_images)), batch_size)
+    regions = split.region_rows(images)
+    n = len(images)
+    batch = {
+        'regions': regions,
+        'region_len': np.full(n, regions.shape[1], np.int32),
+        'bert_ids': np.zeros((n, max_len), np.int32),
+        'bert_len': np.zeros(n, np.int32),
+        'bert_mask': np.zeros((n, max_len), bool),
+        'caption_index': (5 * images).astype(np.int32),
+        'image_index': images.astype(np.int32),
+        'valid': valid,
+        'truncated': np.zeros(n, bool),
+    }
+    batch.update(_clip_fields(split, images, None))
+    yield _add_maxima(batch)
 
 
 def eval_caption_batches(split: SplitSource, batch_size: int, text: TextOptions,
                          num_regions: int = 36, region_dim: int = 1):
   """Every caption in file order, no augmentation; last batch padded (valid=False)."""
-  tokenizer = bert_tokenizer.get_tokenizer(text.vocab_path)
-  empty_regions = np.zeros((num_regions, region_dim), np.float32)
+  tokens = split.tokens(text.vocab_path)
   for start in range(0, split.num_captions, batch_size):
-    rows = []
-    for c in range(start, min(start + batch_size, split.num_captions)):
-      text_str = _caption_text(split.image(c // 5), c % 5)
-      ids, truncated = _truncate(tokenizer.encode(text_str), text.max_len)
-      rows.append({'regions': empty_regions, 'region_len': num_regions, 'bert_ids': ids,
-                   'caption_index': c, 'image_index': c // 5, 'truncated': truncated})
-    yield _pad_batch(rows, batch_size, text.max_len)
+    captions, valid = _padded(range(start, min(start + batch_size, split.num_captions)),
+                              batch_size)
+    ids, lengths, truncated = caption_tokens.encode_batch(tokens, captions, text.max_len)
+    n = len(captions)
+    batch = {
+        'regions': np.zeros((n, num_regions, region_dim), np.float32),
+        'region_len': np.full(n, num_regions, np.int32),
+        'bert_ids': ids,
+        'bert_len': lengths,
+        'bert_mask': ids != 0,
+        'caption_index': captions.astype(np.int32),
+        'image_index': (captions // 5).astype(np.int32),
+        'valid': valid,
+        'truncated': truncated & valid,
+    }
+    if split.clip is not None:
+      batch['clip_text'] = split.clip.texts(captions)
+    yield _add_maxima(batch)

@@ -6,7 +6,6 @@ Region features are memory-mapped, never loaded whole.
 """
 
 import dataclasses
-import json
 import os
 
 import numpy as np
@@ -86,31 +85,55 @@ def _divisor(n_rows: int, n_captions: int, path: str, what: str) -> int:
                   'captions of this split')
 
 
+def npy_header(path: str) -> tuple[tuple, np.dtype, bool, int]:
+  """(shape, dtype, fortran_order, header bytes) of a .npy file, read without touching its data."""
+  try:
+    with open(path, 'rb') as f:
+      version = np.lib.format.read_magic(f)
+      read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+              else np.lib.format.read_array_header_2_0)
+      shape, fortran, dtype = read(f, max_header_size=1 << 20)
+      return tuple(shape), np.dtype(dtype), bool(fortran), f.tell()
+  except (ValueError, OSError, SyntaxError) as e:
+    raise DataError(f'{path}: not a .npy file or its header is damaged ({e}); expected a '
+                    'float32 array of shape [R, 36, F] saved with numpy.save') from None
+
+
 def open_features(path: str) -> np.ndarray:
+  """Memory map of a region-feature file after checking its header and exact byte size."""
   if not os.path.isfile(path):
     raise DataError(f'{path}: file not found (expected a float32 .npy of shape [R, 36, F])')
-  try:
-    feats = np.load(path, mmap_mode='r')
-  except ValueError as e:  # a truncated file fails the memory map with a size message
-    raise DataError(f'{path}: unreadable .npy ({e}); the file is probably truncated, '
-                    'download it again') from None
-  if feats.ndim != 3 or feats.dtype != np.float32:
-    raise DataError(f'{path}: array of shape {feats.shape} and dtype {feats.dtype}, expected '
-                    'float32 [R, 36, F]')
-  return feats
+  shape, dtype, _, header = npy_header(path)
+  if len(shape) != 3 or dtype.kind != 'f' or dtype.itemsize not in (2, 4):
+    raise DataError(f'{path}: array of shape {shape} and dtype {dtype}, expected float32 '
+                    '[R, 36, F]')
+  expected = header + int(np.prod(shape)) * dtype.itemsize
+  size = os.path.getsize(path)
+  if size != expected:
+    row = int(np.prod(shape[1:])) * dtype.itemsize
+    raise DataError(f'{path}: {size:,} bytes, expected {expected:,} (header {header} + '
+                    f'{shape[0]:,} rows x {row:,} bytes for shape {shape}); the file is '
+                    f'{"truncated" if size < expected else "longer than its header says"} '
+                    f'(about {max(size - header, 0) // row:,} complete rows), download it again')
+  return np.load(path, mmap_mode='r')
 
 
 def read_ids(path: str) -> list[int] | None:
   if not os.path.isfile(path):
     return None
-  with open(path, encoding='utf-8') as f:
-    lines = [line.strip() for line in f.read().split('\n')]
+  try:
+    with open(path, encoding='utf-8') as f:
+      lines = [line.strip() for line in f.read().split('\n')]
+  except UnicodeDecodeError as e:
+    raise DataError(f'{path}: not UTF-8 text (byte {e.start}); expected one integer image id '
+                    'per line') from None
   if lines and lines[-1] == '':
     lines.pop()
-  try:
-    return [int(x) for x in lines]
-  except ValueError as e:
-    raise DataError(f'{path}: {e}; expected one integer image id per line') from None
+  for n, line in enumerate(lines):
+    if not line.lstrip('-').isdigit():
+      raise DataError(f'{path}:{n + 1}: {line!r} is not an integer; expected one integer image '
+                      'id per line')
+  return [int(x) for x in lines]
 
 
 def open_split(root: str, split: str, *, expected_regions: int | None = 36,
@@ -127,12 +150,25 @@ def open_split(root: str, split: str, *, expected_regions: int | None = 36,
   ids_path = _path(root, split, 'ids.txt')
   ids = read_ids(ids_path)
   id_div = None if ids is None else _divisor(len(ids), len(captions), ids_path, 'id lines')
+  if id_div == 1:
+    check_id_blocks(ids, ids_path)
   return SplitFiles(split, captions, feats, ids, feature_div, id_div)
 
 
-def read_id_mapping(root: str) -> dict[str, str] | None:
-  path = os.path.join(root, 'id_mapping.json')
-  if not os.path.isfile(path):
+def check_id_blocks(ids: list[int], path: str) -> None:
+  """A per-caption ids file repeats each image's id on its 5 consecutive lines."""
+  for start in range(0, len(ids), CAPTIONS_PER_IMAGE):
+    block = ids[start:start + CAPTIONS_PER_IMAGE]
+    if len(set(block)) != 1:
+      raise DataError(f'{path}:{start + 1}-{start + 5}: ids {block} differ; a per-caption ids '
+                      'file must repeat one image id on each block of 5 lines')
+
+
+def granularity_note(files: SplitFiles) -> str | None:
+  """The warning of data_eval_spec.md 1.3 when the npy and ids files differ in granularity."""
+  if files.id_div is None or files.id_div == files.feature_div:
     return None
-  with open(path, encoding='utf-8') as f:
-    return json.load(f)
+  kind = {1: 'per caption', 5: 'per image'}
+  return (f'{files.split}: {files.split}_ims.npy is {kind[files.feature_div]} but '
+          f'{files.split}_ids.txt is {kind[files.id_div]}; read correctly here, but the original '
+          'AAHR loader would pair CLIP images with the wrong captions on this split')
