@@ -1,9 +1,10 @@
 """Retriever: load a model, embed images and captions exactly as the evaluation does.
 
-  r = Retriever.from_checkpoint('weights/aahr_f30k')          # a converted DIR
+  r = Retriever.from_checkpoint('weights/aahr_f30k')          # a converted DIR or a workdir
   img = r.embed_images(regions, region_lengths, clip_image)    # [B, D] numpy
   cap = r.embed_captions(token_ids, lengths, clip_text)        # [B, D] numpy
   scores = img @ cap.T                                         # the evaluator's similarity
+  q = r.embed_texts(['two dogs on a beach'])                   # tokenised (+ CLIP text) here
 
 Embeddings are computed in eval mode, fp32, at the highest matmul precision. A call embeds exactly
 the batch it is given: AAHR's caption embeddings depend on the batch's longest caption (GGLP
@@ -99,6 +100,52 @@ def _tiny_batch(name: str, inputs: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# Trained workdir: config.json + orbax checkpoints (aahr_jax/checkpoint.py)
+# ----------------------------------------------------------------------------------------------
+
+WORKDIR_CONFIG = 'config.json'
+ENCODER_PARAMS = ('img', 'txt')  # what embedding needs; training-only groups are left out
+
+
+def is_workdir(path) -> bool:
+  path = pathlib.Path(path)
+  return (path / WORKDIR_CONFIG).is_file() and (path / 'checkpoints').is_dir()
+
+
+def load_workdir_config(path) -> ml_collections.ConfigDict:
+  try:
+    return ml_collections.ConfigDict(json.loads((pathlib.Path(path) / WORKDIR_CONFIG).read_text()))
+  except (OSError, ValueError) as e:
+    raise ValueError(f'cannot read {pathlib.Path(path) / WORKDIR_CONFIG}: {e}') from e
+
+
+def load_workdir(path, step: str | int | None = None) -> tuple[ml_collections.ConfigDict, dict,
+                                                               dict, int]:
+  """(model config, variables, inputs, step) of a trained workdir: `step` names a checkpoint
+  step, 'latest' or 'best'; None = the best (best.json) if recorded, else the latest."""
+  import orbax.checkpoint as ocp
+  from aahr_jax import checkpoint
+  from aahr_jax import evaluate
+  config = load_workdir_config(path)
+  mngr = checkpoint.manager(str(path), config.get('keep_checkpoints', 3))
+  if not mngr.all_steps():
+    raise FileNotFoundError(f'{path}: no checkpoint under {mngr.directory}; train first')
+  which = evaluate.default_checkpoint(str(path), None if step is None else str(step))
+  resolved = checkpoint.resolve_step(mngr, which)
+  # No target: the saved tree as written (no optimizer or model needed to restore it).
+  restored = mngr.restore(resolved, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  state = restored['state']
+  params = {k: v for k, v in state['params'].items() if k in ENCODER_PARAMS}
+  variables = jax.tree.map(np.asarray, {'params': params,
+                                        'batch_stats': state.get('batch_stats') or {}})
+  inputs = {'region_dim': config.data.region_dim, 'max_len': config.data.max_len,
+            'clip_dim': config.model.get('clip_dim', 512),
+            'vocab_path': config.data.get('vocab_path', '') or None,
+            'clip_checkpoint': config.model.get('clip_checkpoint', '') or None}
+  return config.model, variables, inputs, resolved
+
+
+# ----------------------------------------------------------------------------------------------
 # Retriever
 # ----------------------------------------------------------------------------------------------
 
@@ -116,20 +163,28 @@ class Retriever:
     self.model = aahr.build_model(model_config)
     self.variables = jax.tree.map(jnp.asarray, variables)
     self.uses_clip = model_config.name in CLIP_MODELS
+    self.source = ''  # where the weights came from (set by from_checkpoint for workdirs)
     self._embed_images = jax.jit(self._images_fn)
     self._embed_captions = jax.jit(self._captions_fn)
 
   @classmethod
-  def from_checkpoint(cls, path) -> 'Retriever':
-    """A converted DIR (has model.json). Trained workdirs / orbax checkpoints: not yet."""
+  def from_checkpoint(cls, path, step: str | int | None = None) -> 'Retriever':
+    """A converted DIR (has model.json), or a trained workdir (config.json + checkpoints/:
+    the best checkpoint if best.json records one, else the latest; or `step`)."""
     path = pathlib.Path(path)
     if (path / MODEL_JSON).is_file():
       return cls(*load_converted_dir(path))
+    if is_workdir(path):
+      model_config, variables, inputs, resolved = load_workdir(path, step)
+      retriever = cls(model_config, variables, inputs)
+      retriever.source = f'{path} step {resolved}'
+      return retriever
     if not path.exists():
       raise FileNotFoundError(f'{path} does not exist.')
-    raise ValueError(f'{path} is not a converted checkpoint directory (no {MODEL_JSON}); '
-                     'convert released weights with `python -m conversion aahr|vse_infty '
-                     '--src model_best.pth --out DIR`.')
+    raise ValueError(f'{path} is neither a converted checkpoint directory (no {MODEL_JSON}) '
+                     f'nor a trained workdir (no {WORKDIR_CONFIG} + checkpoints/); convert '
+                     'released weights with `python -m conversion aahr|vse_infty --src '
+                     'model_best.pth --out DIR`, or pass the --workdir of a training run.')
 
   # --- jitted bodies (static shapes; `valid` marks the real rows) ---
 
@@ -172,6 +227,38 @@ class Retriever:
     lengths = self._lengths(lengths, ids.shape[0], ids.shape[1], 'lengths')
     clip = self._clip(clip_text, ids.shape[0], 'clip_text')
     return self._run(self._embed_captions, ids.astype(np.int32), lengths, clip)
+
+  def embed_texts(self, texts: list[str], clip_text=None) -> np.ndarray:
+    """Free text -> [B, D] caption embeddings: BERT WordPiece ids as the evaluation makes them
+    (truncated to the model's max_len) and, for CLIP models, CLIP text features (given, or
+    computed with the CLIP checkpoint named by the workdir's config.model.clip_checkpoint)."""
+    from input_pipeline import bert_tokenizer
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+      raise ValueError('embed_texts takes a list of strings, e.g. ["two dogs on a beach"].')
+    tokenizer = bert_tokenizer.get_tokenizer(self.inputs.get('vocab_path'))
+    max_len = self.inputs['max_len']
+    rows = []
+    for text in texts:
+      ids = tokenizer.encode(text)
+      rows.append(ids if len(ids) <= max_len else ids[:max_len - 1] + [bert_tokenizer.SEP_ID])
+    width = max((len(r) for r in rows), default=2)
+    ids = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+      ids[i, :len(r)] = r
+    if self.uses_clip and clip_text is None:
+      clip_text = self._clip_text_encoder().text_features(list(texts))
+    return self.embed_captions(ids, np.asarray([len(r) for r in rows], np.int32), clip_text)
+
+  def _clip_text_encoder(self):
+    if getattr(self, '_clip_encoder', None) is None:
+      checkpoint = self.inputs.get('clip_checkpoint')
+      if not checkpoint:
+        raise ValueError(f'this {self.config.name} model needs CLIP text features: pass '
+                         'clip_text=[B, clip_dim] to embed_texts, or load a workdir whose '
+                         'config.model.clip_checkpoint names the converted CLIP file.')
+      from input_pipeline import clip_encoder
+      self._clip_encoder = clip_encoder.ClipEncoder(checkpoint)
+    return self._clip_encoder
 
   @staticmethod
   def similarity(image_embeddings, caption_embeddings) -> np.ndarray:
