@@ -2,6 +2,7 @@
 
   python main.py --config configs/demo.py --workdir runs/demo                 # train + evaluate
   python main.py --config configs/demo.py --workdir runs/demo --mode eval     # re-evaluate
+  python main.py --workdir runs/demo --mode search --query "a red circle" --top_k 5
   python main.py --config configs/gpo_f30k.py:batch_size=64 --config.optim.lr=2e-4 ...
 """
 
@@ -17,10 +18,17 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path.py[
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
 _MODE = flags.DEFINE_enum('mode', 'train',
-                          ['train', 'eval', 'build_data', 'clip_cache', 'verify_data'],
+                          ['train', 'eval', 'build_data', 'clip_cache', 'verify_data',
+                           'search'],
                           'What to do.')
-_CHECKPOINT = flags.DEFINE_string('checkpoint', None,
-                                  '--mode eval: checkpoint step to evaluate (default: latest).')
+_CHECKPOINT = flags.DEFINE_string(
+    'checkpoint', None, '--mode eval/search: checkpoint step, "latest" or "best" (default: best '
+    'if recorded, else latest); for eval several comma-separated steps or paths (workdirs, '
+    'converted checkpoints) evaluate their ensemble.')
+_RESULTS = flags.DEFINE_string('results', None, '--mode eval: re-score results_*.npy files '
+                               '(comma-separated: their ensemble) with the original procedure.')
+_QUERY = flags.DEFINE_string('query', None, '--mode search: the text to search images for.')
+_TOP_K = flags.DEFINE_integer('top_k', 10, '--mode search: how many images to list.')
 
 # Errors that mean "the user's input is wrong": one line on stderr and exit status 2.
 EXIT_BAD_INPUT = 2
@@ -30,7 +38,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
-  if config is None:
+  if config is None and _MODE.value != 'search':  # search reads the workdir's config.json
     raise app.UsageError('--config is required, e.g. --config configs/demo.py')
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required')
@@ -38,12 +46,19 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file they touch at INFO
   # Imports after flag parsing keep `--help` fast.
   from aahr_jax import train  # pylint: disable=import-outside-toplevel
+  from aahr_jax import eval_modes  # pylint: disable=import-outside-toplevel
   from input_pipeline import datasets  # pylint: disable=import-outside-toplevel
+  user_errors = (datasets.DataError, FileNotFoundError, KeyError)
+  if _MODE.value in ('eval', 'search'):  # bad checkpoints, results files, queries
+    user_errors += (ValueError,)
   try:
     if _MODE.value == 'train':
       train.train_and_evaluate(config, _WORKDIR.value)
     elif _MODE.value == 'eval':
-      train.evaluate_checkpoint(config, _WORKDIR.value, _CHECKPOINT.value)
+      eval_modes.run_eval(config, _WORKDIR.value, eval_modes.split_list(_CHECKPOINT.value),
+                          eval_modes.split_list(_RESULTS.value))
+    elif _MODE.value == 'search':
+      eval_modes.run_search(_WORKDIR.value, _QUERY.value, _TOP_K.value, _CHECKPOINT.value)
     elif _MODE.value == 'build_data':
       builder = datasets.build(config, _WORKDIR.value)
       print(f'Built {builder.info.full_name} at {builder.data_dir}: '
@@ -54,7 +69,7 @@ def main(argv):
     elif _MODE.value == 'verify_data':
       from input_pipeline import verify  # pylint: disable=import-outside-toplevel
       sys.exit(verify.main(config, _WORKDIR.value))
-  except (datasets.DataError, FileNotFoundError, KeyError) as e:
+  except user_errors as e:
     message = e.args[0] if isinstance(e, KeyError) and e.args else e
     print(f'error: {message}', file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
