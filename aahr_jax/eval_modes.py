@@ -12,6 +12,8 @@
 
 import os
 
+import numpy as np
+
 from aahr_jax import clip_zeroshot
 from aahr_jax import evaluate
 from aahr_jax import inference
@@ -87,14 +89,16 @@ def _selection_of(workdir: str) -> str:
 
 
 def load_clip_features(config, workdir: str, split_name: str):
-  """(clip_image_feat [n, D], clip_text_feat [5n, D]) of a split from the frozen-CLIP cache."""
+  """(clip_image_feat [n, D], clip_text_feat [5n, D]) of a split: the frozen-CLIP cache (built
+  here if missing) or, with config.data.clip_online, computed now."""
   from input_pipeline import clip_cache  # pylint: disable=import-outside-toplevel
   from input_pipeline import clip_features  # pylint: disable=import-outside-toplevel
   builder = datasets.build(config, workdir)
-  split = datasets.open_split(builder, split_name)
-  folder = os.path.join(clip_cache.build(config, workdir), split_name)
-  cached = clip_features.CachedClip(folder, split.num_images, split.num_captions, None)
-  return (cached.image[:split.num_images], cached.text[:split.num_captions])
+  if not clip_features.clip_online(config):
+    clip_cache.build(config, workdir)
+  split = datasets.open_split(builder, split_name, config, workdir)
+  return (split.clip.images(np.arange(split.num_images)),
+          split.clip.texts(np.arange(split.num_captions)))
 
 
 def evaluate_zero_shot(config, workdir: str) -> dict:
