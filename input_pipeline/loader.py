@@ -28,6 +28,9 @@ from input_pipeline import caption_tokens
 
 REGION_KEEP_PROB = 0.8  # training region dropout: keep region r iff u_r > 0.2
 DEFAULT_COVERAGE = 0.999
+# Every float16 bit pattern as float32: a table lookup widens stored float16 regions quickly.
+_HALF_TO_FLOAT = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(
+    np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,12 +80,12 @@ class SplitSource:
     if self.regions is None:
       rows = np.stack([np.asarray(self.image(int(i))['regions'], np.float32) for i in images])
       return rows if order is None else np.take_along_axis(rows, order[:, :, None], axis=1)
-    if order is None:
-      return np.asarray(self.regions[images], np.float32)
     n, r, d = self.regions.shape
-    flat = self.regions.reshape(n * r, d)
-    return np.asarray(flat[(images[:, None] * r + order).reshape(-1)], np.float32).reshape(
-        len(images), r, d)
+    rows = images if order is None else (images[:, None] * r + order).reshape(-1)
+    source = self.regions if order is None else self.regions.reshape(n * r, d)
+    if self.regions.dtype == np.float16:   # numpy's own float16 -> float32 cast is ~10x slower
+      return _HALF_TO_FLOAT[source.view(np.uint16)[rows]].reshape(len(images), r, d)
+    return np.asarray(source[rows], np.float32).reshape(len(images), r, d)
 
 
 def _text(value) -> str:
