@@ -1,0 +1,90 @@
+"""Search over a tiny trained demo workdir: the index, free-text queries, the CLI, and checkpoint
+ensembles through --mode eval."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from aahr_jax import eval_modes
+from aahr_jax import inference
+from aahr_jax import search_index
+from aahr_jax import train
+from configs import demo
+from input_pipeline import datasets
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEST_IMAGES = 20
+# Measured on this configuration (seeded, 2-core CPU, ~100 s): the ground-truth image is in the
+# top 5 for 0.46 of the 100 test captions (chance: 5/20 = 0.25); the evaluation's t2i R@5 is 46.0.
+MIN_TOP5_HIT_RATE = 0.40
+
+
+def search_config():
+  c = demo.get_config('epochs=8,train_images=800,batch_size=32,embed_size=64,bert_width=64')
+  c.data.synthetic.dev = 20
+  c.data.synthetic.test = TEST_IMAGES
+  c.data.region_dim = 32
+  c.checkpoint_every_steps = 150
+  c.log_every_steps = 50
+  c.eval.batch_size = 64
+  return c
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('search') / 'run')
+  results = train.train_and_evaluate(search_config(), workdir)
+  return workdir, results
+
+
+def test_search_finds_the_ground_truth_image(trained):
+  workdir, results = trained
+  retriever = inference.Retriever.from_checkpoint(workdir)
+  config = inference.load_workdir_config(workdir)
+  images, meta = search_index.open_index(retriever, config, workdir, 'test')
+  assert images.shape == (TEST_IMAGES, 64) and images.dtype == np.float32
+  assert meta['num_images'] == TEST_IMAGES and len(meta['image_ids']) == TEST_IMAGES
+  assert meta['normalized'] is True  # VSE-infinity embeddings are unit length
+  assert meta['image_files'][0].endswith('.jpg')
+  split = datasets.open_split(datasets.build(config, workdir), 'test')
+  captions = [split.image(c // 5)['captions'][c % 5] for c in range(split.num_captions)]
+  captions = [c.decode('utf-8') if isinstance(c, bytes) else c for c in captions]
+  top, _ = search_index.top_k(images, retriever.embed_texts(captions), 5)
+  hit_rate = float(np.mean([c // 5 in top[c] for c in range(len(captions))]))
+  print(f'top-5 hit rate {hit_rate:.3f}')
+  assert hit_rate >= MIN_TOP5_HIT_RATE
+  # The search ranks images as the evaluation does: the same fraction as t2i R@5.
+  assert hit_rate * 100 == pytest.approx(results['all']['t2i_r5'], abs=1.0)
+
+
+def test_search_cli_and_index_reuse(trained):
+  workdir, _ = trained
+  env = dict(os.environ, HF_HUB_OFFLINE='1', JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, 'main.py', '--mode', 'search', '--workdir', workdir,
+                        '--query', 'a red circle left of a blue square', '--top_k', '3'],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                       check=False)
+  assert out.returncode == 0, out.stderr[-2000:]
+  hits = [line for line in out.stdout.splitlines() if line.strip()[:2] in ('1.', '2.', '3.')]
+  assert len(hits) == 3 and 'score' in hits[0]
+  assert 'Building the search index' not in out.stdout  # built once, by the test above
+  missing = subprocess.run([sys.executable, 'main.py', '--mode', 'search', '--workdir', workdir],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                           check=False)
+  assert missing.returncode == 2 and 'error: --mode search needs --query' in missing.stderr
+
+
+def test_ensemble_of_a_checkpoint_with_itself_reproduces_it(trained):
+  workdir, results = trained
+  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit())
+  last = str(steps[-1])
+  ensemble = eval_modes.run_eval(search_config(), workdir, [last, workdir], [])
+  assert ensemble['all']['rsum'] == pytest.approx(results['all']['rsum'], abs=1.0)
+  saved = json.loads(open(os.path.join(workdir, 'eval', 'test.json'), encoding='utf-8').read())
+  assert saved['ensemble'] == [f'{workdir} step {last}'] * 2
+  two = eval_modes.run_eval(search_config(), workdir, [str(steps[0]), last], [])
+  assert two['all']['rsum'] > 0
