@@ -29,6 +29,9 @@ _RESULTS = flags.DEFINE_string('results', None, '--mode eval: re-score results_*
                                '(comma-separated: their ensemble) with the original procedure.')
 _QUERY = flags.DEFINE_string('query', None, '--mode search: the text to search images for.')
 _TOP_K = flags.DEFINE_integer('top_k', 10, '--mode search: how many images to list.')
+_FRESH = flags.DEFINE_bool('fresh', False, '--mode train: start from scratch; refuses a workdir '
+                           'that holds a run unless --overwrite is given too.')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'With --fresh: delete the existing run first.')
 
 # Errors that mean "the user's input is wrong": one line on stderr and exit status 2.
 EXIT_BAD_INPUT = 2
@@ -48,12 +51,13 @@ def main(argv):
   from aahr_jax import train  # pylint: disable=import-outside-toplevel
   from aahr_jax import eval_modes  # pylint: disable=import-outside-toplevel
   from input_pipeline import datasets  # pylint: disable=import-outside-toplevel
-  user_errors = (datasets.DataError, FileNotFoundError, KeyError)
-  if _MODE.value in ('eval', 'search'):  # bad checkpoints, results files, queries
+  user_errors = (datasets.DataError, FileNotFoundError, FileExistsError, KeyError, OSError)
+  if _MODE.value in ('train', 'eval', 'search'):  # bad configs, checkpoints, results files
     user_errors += (ValueError,)
   try:
     if _MODE.value == 'train':
-      train.train_and_evaluate(config, _WORKDIR.value)
+      train.train_and_evaluate(config, _WORKDIR.value, fresh=_FRESH.value,
+                               overwrite=_OVERWRITE.value)
     elif _MODE.value == 'eval':
       eval_modes.run_eval(config, _WORKDIR.value, eval_modes.split_list(_CHECKPOINT.value),
                           eval_modes.split_list(_RESULTS.value))
@@ -69,6 +73,9 @@ def main(argv):
     elif _MODE.value == 'verify_data':
       from input_pipeline import verify  # pylint: disable=import-outside-toplevel
       sys.exit(verify.main(config, _WORKDIR.value))
+  except train.TrainingStopped as e:
+    print(f'error: {e}' if e.exit_code != train.EXIT_PREEMPTED else str(e), file=sys.stderr)
+    sys.exit(e.exit_code)
   except user_errors as e:
     message = e.args[0] if isinstance(e, KeyError) and e.args else e
     print(f'error: {message}', file=sys.stderr)

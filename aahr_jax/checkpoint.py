@@ -7,17 +7,29 @@ import orbax.checkpoint as ocp
 from flax import serialization
 
 
-def manager(workdir: str, keep: int = 3) -> ocp.CheckpointManager:
+LATEST_DIR = 'checkpoints'  # periodic, final and preemption checkpoints (keep-N)
+BEST_DIR = 'best'  # the model selected on the selection split (keep 1)
+
+
+def manager(workdir: str, keep: int = 3, subdir: str = LATEST_DIR) -> ocp.CheckpointManager:
+  """Async orbax manager. A checkpoint appears under its step only once fully written (orbax
+  writes to a temporary folder and renames it), so a kill at any moment leaves the previous
+  complete checkpoint usable; leftovers of an interrupted write are removed at start."""
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                         enable_async_checkpointing=True)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')),
+                                         enable_async_checkpointing=True,
+                                         cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, subdir)),
                                options=options, item_names=('state', 'meta'))
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
-  mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(serialization.to_state_dict(state)),
-      meta=ocp.args.JsonSave(meta)))
+def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict, force: bool = False) -> None:
+  try:
+    mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(serialization.to_state_dict(state)),
+        meta=ocp.args.JsonSave(meta)), force=force)
+  except OSError as e:
+    raise OSError(f'writing the checkpoint of step {step} to {mngr.directory} failed: {e} '
+                  '(is the disk full or the workdir not writable?)') from e
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, target_state):

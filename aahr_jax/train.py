@@ -6,6 +6,8 @@ with explicit shardings and the state donated; losses see the global batch.
 
 import json
 import os
+import shutil
+import signal
 import sys
 import time
 from typing import Any
@@ -21,6 +23,7 @@ from tqdm import tqdm
 
 from aahr_jax import aahr_step
 from aahr_jax import checkpoint
+from aahr_jax import config_checks
 from aahr_jax import evaluate
 from aahr_jax import losses
 from aahr_jax import optim
@@ -210,8 +213,89 @@ def variables_of(state: TrainState) -> dict:
   return {'params': state.params, 'batch_stats': state.batch_stats}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  os.makedirs(workdir, exist_ok=True)
+class PreemptionGuard:
+  """SIGTERM/SIGINT: finish the current step, checkpoint, exit with EXIT_PREEMPTED.
+
+  The first signal only sets a flag; the handlers are then reset to the defaults, so a second
+  signal terminates the process at once.
+  """
+
+  def __init__(self):
+    self.signal_name = None
+    self._previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal_name = signal.Signals(signum).name
+    print(f'\n{self.signal_name} received: finishing this step and writing a checkpoint '
+          '(send it again to abort at once).', file=sys.stderr, flush=True)
+    for sig in self._previous:
+      signal.signal(sig, signal.SIG_DFL)
+
+  @property
+  def requested(self) -> bool:
+    return self.signal_name is not None
+
+  def restore(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+class TrainingStopped(Exception):
+  """The run stopped on purpose (preemption or repeated non-finite losses); exit_code says how."""
+
+  def __init__(self, message: str, exit_code: int):
+    super().__init__(message)
+    self.exit_code = exit_code
+
+
+EXIT_PREEMPTED = 75  # "temporary failure": rerun the same command to resume
+EXIT_NON_FINITE = 3
+
+
+def prepare_workdir(workdir: str, fresh: bool, overwrite: bool) -> None:
+  """Creates the workdir and proves it writable before anything expensive runs."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, '.write_probe')
+    with open(probe, 'w', encoding='utf-8') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise OSError(f'workdir {workdir} is not writable: {e}') from None
+  existing = os.path.isdir(os.path.join(workdir, checkpoint.LATEST_DIR)) and os.listdir(
+      os.path.join(workdir, checkpoint.LATEST_DIR))
+  if fresh and existing:
+    if not overwrite:
+      raise FileExistsError(
+          f'--fresh: {workdir} already holds a run ({checkpoint.LATEST_DIR}/ is not empty); '
+          'pass --overwrite as well to delete it, or choose another --workdir')
+    for name in (checkpoint.LATEST_DIR, checkpoint.BEST_DIR, 'eval', 'tensorboard',
+                 'metrics.jsonl', evaluate.BEST_FILE):
+      path = os.path.join(workdir, name)
+      if os.path.isdir(path):
+        shutil.rmtree(path)
+      elif os.path.exists(path):
+        os.remove(path)
+
+
+def check_disk_space(workdir: str, state, keep: int) -> None:
+  """Fails before training if the checkpoints we will keep cannot fit on the disk."""
+  state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+  needed = state_bytes * (keep + 2)  # keep-N latest + best + one being written
+  free = shutil.disk_usage(workdir).free
+  if free < needed:
+    raise OSError(f'not enough disk space in {workdir}: {free / 2**30:.2f} GiB free, the '
+                  f'checkpoints of this run need about {needed / 2**30:.2f} GiB '
+                  f'({keep} kept + best + one in flight of {state_bytes / 2**20:.0f} MiB each)')
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = False,
+                       overwrite: bool = False) -> dict:
+  config_checks.validate(config)
+  prepare_workdir(workdir, fresh, overwrite)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
       f.write(config.to_json_best_effort(indent=2))
@@ -220,9 +304,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   steps_per_epoch = run['steps_per_epoch']
   total_steps = steps_per_epoch * config.num_epochs
   text = datasets.text_options(config)
+  check_disk_space(workdir, state, config.keep_checkpoints)
 
   # Resume from the latest complete checkpoint, if any.
   mngr = checkpoint.manager(workdir, config.keep_checkpoints)
+  best_mngr = checkpoint.manager(workdir, 1, checkpoint.BEST_DIR)
   start_step = 0
   if mngr.latest_step() is not None:
     state, meta = checkpoint.restore(mngr, mngr.latest_step(), state)
@@ -242,7 +328,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       seed=config.seed, text=text, start_step=start_step,
       size_augment=config.data.size_augment, word_augment=config.data.word_augment,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      num_threads=config.data.num_threads)
+      num_threads=config.data.num_threads, **loader_extras(config, run))
+  selection = SelectionEvaluator(config, workdir, run)
 
   writer = MetricsWriter(workdir)
   print(f'Training {config.model.name} for {total_steps} steps ({config.num_epochs} epochs of '
@@ -250,34 +337,138 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         flush=True)
   bar = tqdm(total=total_steps, initial=start_step, desc='train', file=sys.stderr,
              mininterval=5.0, disable=jax.process_index() != 0)
-  truncated = 0
+  guard = PreemptionGuard()
+  truncated, skipped_total, skipped_in_a_row = 0, 0, 0
   last_time, last_step = time.time(), start_step
-  for step in range(start_step, total_steps):
-    batch = next(batches)
-    truncated += int(batch['truncated'].sum())
-    state, metrics = train_step(state, sharding.global_batch(
-        {k: batch[k] for k in device_fields(config)}, mesh))
-    done = step + 1
-    if done % config.log_every_steps == 0 or done == total_steps:
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      now = time.time()
-      metrics.update(epoch=step // steps_per_epoch, truncated_captions=truncated,
-                     examples_per_sec=(done - last_step) * config.batch_size / (now - last_time))
-      last_time, last_step = now, done
-      writer.write(done, metrics)
-      bar.set_postfix(loss=f'{metrics["loss"]:.3f}', epoch=metrics['epoch'])
-    bar.update(1)
-    if done % config.checkpoint_every_steps == 0 or done == total_steps:
-      checkpoint.save(mngr, done, state, {'step': done, 'epoch': done // steps_per_epoch})
-  bar.close()
-  mngr.wait_until_finished()
-  writer.close()
+  pending = None  # the previous step's metrics, read one step late to keep the device busy
 
-  return evaluate_state(config, workdir, run, state, checkpoint_name=f'step {total_steps}')
+  def save(step: int, force: bool = False) -> None:
+    checkpoint.save(mngr, step, state, {'step': step, 'epoch': step // steps_per_epoch},
+                    force=force)
+
+  def check_skips(step: int, metrics) -> None:
+    nonlocal skipped_total, skipped_in_a_row
+    if int(metrics['skipped']):
+      skipped_total += 1
+      skipped_in_a_row += 1
+      if skipped_in_a_row > config.max_consecutive_skips:
+        terms = {k: float(v) for k, v in jax.device_get(metrics).items()
+                 if k == 'loss' or k.startswith('loss_')}
+        mngr.wait_until_finished()
+        raise TrainingStopped(
+            f'step {step}: the loss or its gradient was not finite for {skipped_in_a_row} steps '
+            f'in a row (config.max_consecutive_skips = {config.max_consecutive_skips}); loss '
+            f'terms: {terms}. The last good checkpoint is step {mngr.latest_step()} in '
+            f'{mngr.directory}.', EXIT_NON_FINITE)
+    else:
+      skipped_in_a_row = 0
+
+  try:
+    for step in range(start_step, total_steps):
+      batch = next(batches)
+      truncated += int(batch['truncated'].sum())
+      state, metrics = train_step(state, sharding.global_batch(
+          {k: batch[k] for k in device_fields(config)}, mesh))
+      if pending is not None:
+        check_skips(*pending)
+      pending = (step + 1, metrics)
+      done = step + 1
+      if done % config.log_every_steps == 0 or done == total_steps:
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.time()
+        values.update(epoch=step // steps_per_epoch, truncated_captions=truncated,
+                      skipped_total=skipped_total + int(values['skipped']),
+                      examples_per_sec=(done - last_step) * config.batch_size / (now - last_time))
+        last_time, last_step = now, done
+        writer.write(done, values)
+        bar.set_postfix(loss=f'{values["loss"]:.3f}', epoch=values['epoch'])
+      bar.update(1)
+      if done % config.checkpoint_every_steps == 0 or done == total_steps:
+        save(done)
+      if done % steps_per_epoch == 0 and selection.due(done // steps_per_epoch):
+        selection.run(state, done, best_mngr)
+      if guard.requested:
+        check_skips(*pending)
+        save(done, force=True)
+        mngr.wait_until_finished()
+        best_mngr.wait_until_finished()
+        raise TrainingStopped(f'stopped by {guard.signal_name} at step {done}; the checkpoint '
+                              f'is in {mngr.directory}. Run the same command to resume.',
+                              EXIT_PREEMPTED)
+    if pending is not None:
+      check_skips(*pending)
+  finally:
+    bar.close()
+    guard.restore()
+    mngr.wait_until_finished()
+    best_mngr.wait_until_finished()
+    writer.close()
+
+  return final_evaluation(config, workdir, run, state, total_steps)
 
 
-def evaluate_state(config, workdir: str, run: dict, state: TrainState,
-                   checkpoint_name: str) -> dict:
+def loader_extras(config, run: dict) -> dict:
+  """Extra keyword arguments of the training iterator (the frozen-CLIP features for AAHR)."""
+  if not uses_clip(config):
+    return {}
+  return {'clip': datasets.clip_features(config, run['builder'], config.data.train_split)}
+
+
+class SelectionEvaluator:
+  """Validation on the selection split every `eval.every_epochs` epochs; keeps the best model
+  (by rSum) in <workdir>/best and best.json (aahr_spec.md Q4: the split is logged)."""
+
+  def __init__(self, config, workdir: str, run: dict):
+    self.config, self.workdir, self.run_info = config, workdir, run
+    self.every = config.eval.get('every_epochs', 1)
+    self.split_name = evaluate.selection_split(config) if self.every else None
+    self.split = (datasets.open_split(run['builder'], self.split_name)
+                  if self.split_name in run['builder'].info.splits else None)
+    if self.every and self.split is None:
+      print(f'No {self.split_name!r} split: model selection is off; the final step is '
+            'evaluated.', flush=True)
+
+  def due(self, epoch: int) -> bool:
+    return bool(self.every) and self.split is not None and epoch % self.every == 0
+
+  def run(self, state, step: int, best_mngr) -> None:
+    run = self.run_info
+    results = evaluate.validate(
+        run['model'], variables_of(state), self.split, split_name=self.split_name,
+        mesh=run['mesh'], batch_size=self.config.eval.batch_size,
+        text=datasets.text_options(self.config), step=step, workdir=self.workdir,
+        **eval_extras(self.config, run, self.split_name))
+    if evaluate.update_best(self.workdir, step, results, self.split_name):
+      checkpoint.save(best_mngr, step, state, {'step': step, 'selection_split': self.split_name,
+                                               'rsum': evaluate.selection_score(results)})
+    best = evaluate.read_best(self.workdir)
+    print(f'Best rsum: {best["rsum"]:.1f} at step {best["step"]} (on {self.split_name})',
+          flush=True)
+
+
+def eval_extras(config, run: dict, split_name: str) -> dict:
+  """Extra keyword arguments of the evaluation encoders (the frozen-CLIP features for AAHR)."""
+  if not uses_clip(config):
+    return {}
+  return {'clip': datasets.clip_features(config, run['builder'], split_name)}
+
+
+def final_evaluation(config, workdir: str, run: dict, state: TrainState, total_steps: int):
+  """Evaluates the selected model (best on the selection split), else the final step."""
+  best = evaluate.read_best(workdir)
+  best_mngr = checkpoint.manager(workdir, 1, checkpoint.BEST_DIR)
+  if best is not None and best_mngr.latest_step() == best['step']:
+    state, _ = checkpoint.restore(best_mngr, best['step'], state)
+    name = f'step {best["step"]} (best rsum {best["rsum"]:.1f})'
+    selection_name = best['selection_split']
+  else:
+    name, selection_name = f'step {total_steps} (final)', 'none (final step)'
+  return evaluate_state(config, workdir, run, state, checkpoint_name=name,
+                        selection_split=selection_name)
+
+
+def evaluate_state(config, workdir: str, run: dict, state: TrainState, checkpoint_name: str,
+                   selection_split: str = 'none') -> dict:
   split_name = config.data.eval_split
   split = datasets.open_split(run['builder'], split_name)
   print(f'Evaluating on {split_name} ({split.num_images} images, {split.num_captions} captions).',
@@ -286,17 +477,25 @@ def evaluate_state(config, workdir: str, run: dict, state: TrainState,
       run['model'], variables_of(state), split, split_name=split_name, mesh=run['mesh'],
       batch_size=config.eval.batch_size, text=datasets.text_options(config),
       protocol=config.eval.protocol, workdir=workdir,
-      header_extra={'checkpoint': checkpoint_name, 'selection_split': 'none (final step)'})
+      header_extra={'checkpoint': checkpoint_name, 'selection_split': selection_split},
+      save_sims=config.eval.get('save_sims', False), dataset=config.data.name,
+      **eval_extras(config, run, split_name))
 
 
 def evaluate_checkpoint(config, workdir: str, which: str | None = None) -> dict:
-  """`--mode eval`: restores a checkpoint of the workdir and evaluates it."""
+  """`--mode eval`: the named checkpoint step, 'latest', or by default the selected best."""
   mngr = checkpoint.manager(workdir, config.keep_checkpoints)
-  if not mngr.all_steps():
+  best_mngr = checkpoint.manager(workdir, 1, checkpoint.BEST_DIR)
+  if not mngr.all_steps() and not best_mngr.all_steps():
     raise FileNotFoundError(f'{workdir}: no checkpoint found under {mngr.directory}; '
                             'train first (--mode train)')
-  step = checkpoint.resolve_step(mngr, which)
   run = setup(config, workdir)
+  best = evaluate.read_best(workdir)
+  if which in (None, '', 'best') and best is not None and best_mngr.latest_step() == best['step']:
+    state, _ = checkpoint.restore(best_mngr, best['step'], run['state'])
+    return evaluate_state(config, workdir, run, state,
+                          checkpoint_name=f'step {best["step"]} (best rsum {best["rsum"]:.1f})',
+                          selection_split=best['selection_split'])
+  step = checkpoint.resolve_step(mngr, None if which == 'best' else which)
   state, _ = checkpoint.restore(mngr, step, run['state'])
-  return evaluate_state(config, workdir, run, state,
-                        checkpoint_name=f'{mngr.directory}/{step}')
+  return evaluate_state(config, workdir, run, state, checkpoint_name=f'{mngr.directory}/{step}')

@@ -149,6 +149,6 @@ def aahr_config(dataset: str, batch_size: int, nmb_prototypes: int,
   c.eval.protocol = 'coco' if dataset == 'coco' else 'single'
   c.eval.batch_size = batch_size       # Q20: caption embeddings depend on the eval batch
   c.eval.caption_batch_size = batch_size
-  c.eval.select_split = 'dev'          # Q4: one released train.py selects on the test split
+  c.eval.selection_split = 'dev'       # Q4: one released train.py selects on the test split
   c.quirks = 'faithful'
   return c

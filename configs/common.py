@@ -95,9 +95,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 50
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
+  c.max_consecutive_skips = 10   # non-finite loss/gradient steps in a row before the run stops
   c.mesh = (('data', -1),)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.protocol = 'single'     # 'single' (F30K 1K) or 'coco' (5-fold 1K + 5K)
+  c.eval.selection_split = 'dev'  # model selection by rSum: 'dev', or 'test' as some originals
+  c.eval.every_epochs = 1        # selection evaluation period (0: off, evaluate the final step)
+  c.eval.save_sims = False       # write results_<dataset>.npy ({'npts', 'sims'}, float64)
   c.eval.batch_size = 128
   return c
