@@ -171,6 +171,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
     new_params = jax.tree.map(lambda p, u: jnp.where(finite, p + u, p), params, updates)
     opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), opt_state,
                              state.opt_state)
+    batch_stats = jax.tree.map(lambda new, old: jnp.where(finite, new, old), batch_stats,
+                               state.batch_stats)  # never let a bad batch into BN statistics
 
     queue_img, pointer = losses.enqueue_keys(state.extra['queue_img'], state.extra['queue_ptr'],
                                              key_img)

@@ -129,6 +129,8 @@ def make_vse_train_step(model, tx, config, steps_per_epoch: int, schedule):
     params = jax.tree.map(lambda p, u: jnp.where(finite, p + u, p), state.params, updates)
     opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), opt_state,
                              state.opt_state)
+    batch_stats = jax.tree.map(lambda new, old: jnp.where(finite, new, old), batch_stats,
+                               state.batch_stats)  # never let a bad batch into BN statistics
     metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step),
                'skipped': (~finite).astype(jnp.int32)}
     return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
@@ -328,7 +330,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
       seed=config.seed, text=text, start_step=start_step,
       size_augment=config.data.size_augment, word_augment=config.data.word_augment,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      num_threads=config.data.num_threads, **loader_extras(config, run))
+      num_threads=config.data.num_threads)
   selection = SelectionEvaluator(config, workdir, run)
 
   writer = MetricsWriter(workdir)
@@ -341,6 +343,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
   truncated, skipped_total, skipped_in_a_row = 0, 0, 0
   last_time, last_step = time.time(), start_step
   pending = None  # the previous step's metrics, read one step late to keep the device busy
+  last_clean_checkpoint = mngr.latest_step()
 
   def save(step: int, force: bool = False) -> None:
     checkpoint.save(mngr, step, state, {'step': step, 'epoch': step // steps_per_epoch},
@@ -358,14 +361,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
         raise TrainingStopped(
             f'step {step}: the loss or its gradient was not finite for {skipped_in_a_row} steps '
             f'in a row (config.max_consecutive_skips = {config.max_consecutive_skips}); loss '
-            f'terms: {terms}. The last good checkpoint is step {mngr.latest_step()} in '
-            f'{mngr.directory}.', EXIT_NON_FINITE)
+            f'terms: {terms}. The last checkpoint before these steps is step '
+            f'{last_clean_checkpoint} in {mngr.directory}.', EXIT_NON_FINITE)
     else:
       skipped_in_a_row = 0
 
   try:
+    nan_steps = set(config.debug.nan_steps)
     for step in range(start_step, total_steps):
       batch = next(batches)
+      if step in nan_steps:  # testing hook: a corrupt batch must be skipped, not learned from
+        batch = dict(batch, regions=np.full_like(batch['regions'], np.nan))
       truncated += int(batch['truncated'].sum())
       state, metrics = train_step(state, sharding.global_batch(
           {k: batch[k] for k in device_fields(config)}, mesh))
@@ -384,11 +390,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
         bar.set_postfix(loss=f'{values["loss"]:.3f}', epoch=values['epoch'])
       bar.update(1)
       if done % config.checkpoint_every_steps == 0 or done == total_steps:
-        save(done)
+        check_skips(*pending)  # resolve this step's status before writing it down
+        pending = None
+        save(done)  # a skipped step leaves the parameters as they were: still a good state
+        if not skipped_in_a_row:
+          last_clean_checkpoint = done
       if done % steps_per_epoch == 0 and selection.due(done // steps_per_epoch):
         selection.run(state, done, best_mngr)
       if guard.requested:
-        check_skips(*pending)
+        if pending is not None:
+          check_skips(*pending)
         save(done, force=True)
         mngr.wait_until_finished()
         best_mngr.wait_until_finished()
@@ -405,13 +416,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
     writer.close()
 
   return final_evaluation(config, workdir, run, state, total_steps)
-
-
-def loader_extras(config, run: dict) -> dict:
-  """Extra keyword arguments of the training iterator (the frozen-CLIP features for AAHR)."""
-  if not uses_clip(config):
-    return {}
-  return {'clip': datasets.clip_features(config, run['builder'], config.data.train_split)}
 
 
 class SelectionEvaluator:
@@ -436,21 +440,13 @@ class SelectionEvaluator:
     results = evaluate.validate(
         run['model'], variables_of(state), self.split, split_name=self.split_name,
         mesh=run['mesh'], batch_size=self.config.eval.batch_size,
-        text=datasets.text_options(self.config), step=step, workdir=self.workdir,
-        **eval_extras(self.config, run, self.split_name))
+        text=datasets.text_options(self.config), step=step, workdir=self.workdir)
     if evaluate.update_best(self.workdir, step, results, self.split_name):
       checkpoint.save(best_mngr, step, state, {'step': step, 'selection_split': self.split_name,
                                                'rsum': evaluate.selection_score(results)})
     best = evaluate.read_best(self.workdir)
     print(f'Best rsum: {best["rsum"]:.1f} at step {best["step"]} (on {self.split_name})',
           flush=True)
-
-
-def eval_extras(config, run: dict, split_name: str) -> dict:
-  """Extra keyword arguments of the evaluation encoders (the frozen-CLIP features for AAHR)."""
-  if not uses_clip(config):
-    return {}
-  return {'clip': datasets.clip_features(config, run['builder'], split_name)}
 
 
 def final_evaluation(config, workdir: str, run: dict, state: TrainState, total_steps: int):
@@ -478,8 +474,7 @@ def evaluate_state(config, workdir: str, run: dict, state: TrainState, checkpoin
       batch_size=config.eval.batch_size, text=datasets.text_options(config),
       protocol=config.eval.protocol, workdir=workdir,
       header_extra={'checkpoint': checkpoint_name, 'selection_split': selection_split},
-      save_sims=config.eval.get('save_sims', False), dataset=config.data.name,
-      **eval_extras(config, run, split_name))
+      save_sims=config.eval.get('save_sims', False), dataset=config.data.name)
 
 
 def evaluate_checkpoint(config, workdir: str, which: str | None = None) -> dict:

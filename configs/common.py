@@ -97,6 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.max_consecutive_skips = 10   # non-finite loss/gradient steps in a row before the run stops
   c.mesh = (('data', -1),)
+  c.debug = ml_collections.ConfigDict(dict(nan_steps=()))  # tests: steps whose batch is all NaN
 
   c.eval = ml_collections.ConfigDict()
   c.eval.protocol = 'single'     # 'single' (F30K 1K) or 'coco' (5-fold 1K + 5K)

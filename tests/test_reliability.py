@@ -1,0 +1,205 @@
+"""Preemption, kill -9 and NaN guards, checked on real `main.py` processes of a tiny demo run.
+
+Each test bounds its own time (subprocess timeouts) and kills the processes it starts.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOTAL_STEPS = 30  # 2 epochs of 15 steps
+TINY = ['--config', 'configs/demo.py:epochs=2,train_images=48,batch_size=16,region_dim=16,'
+        'embed_size=32,bert_width=32',
+        '--config.data.synthetic.dev=4', '--config.data.synthetic.test=10',
+        '--config.log_every_steps=1', '--config.checkpoint_every_steps=5',
+        '--config.optim.lr_schedules=(100,)', '--config.eval.batch_size=16',
+        '--config.data.num_threads=1']
+RUN_TIMEOUT = 300
+
+
+def env():
+  return dict(os.environ, HF_HUB_OFFLINE='1', JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
+
+
+def command(workdir, *extra):
+  return [sys.executable, 'main.py', *TINY, '--workdir', str(workdir), *extra]
+
+
+def run(workdir, *extra):
+  return subprocess.run(command(workdir, *extra), cwd=ROOT, env=env(), capture_output=True,
+                        text=True, timeout=RUN_TIMEOUT, check=False)
+
+
+def losses_by_step(workdir) -> dict[int, float]:
+  """Last logged loss of every step (a resumed run logs the steps after its checkpoint again)."""
+  out = {}
+  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
+    for line in f:
+      record = json.loads(line)
+      out[record['step']] = record
+  return out
+
+
+def final_params(workdir):
+  mngr = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'), item_names=('state', 'meta'))
+  step = mngr.latest_step()
+  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+  return step, state['params']
+
+
+def assert_same_params(a, b, atol=1e-6):
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(leaves_a) == len(leaves_b)
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
+
+
+def start_and_interrupt(workdir, sig, when) -> tuple[int, str]:
+  """Starts a run, sends `sig` once `when(workdir)` holds, returns (exit code, stderr)."""
+  proc = subprocess.Popen(command(workdir), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + RUN_TIMEOUT
+    while not when(workdir):
+      if proc.poll() is not None:
+        raise AssertionError(f'run ended before the interruption: {proc.stderr.read()[-2000:]}')
+      if time.time() > deadline:
+        raise AssertionError('the interruption point was never reached')
+      time.sleep(0.005)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=RUN_TIMEOUT)
+    return proc.returncode, stderr
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+
+
+def logged_step(workdir) -> int:
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.isfile(path):
+    return 0
+  with open(path, encoding='utf-8') as f:
+    lines = f.read().strip().split('\n')
+  try:
+    return json.loads(lines[-1])['step'] if lines and lines[-1] else 0
+  except json.JSONDecodeError:  # a line being written
+    return 0
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('uninterrupted')
+  result = run(workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def compare_with_uninterrupted(workdir, reference, resumed_from: int):
+  got, want = losses_by_step(workdir), losses_by_step(reference)
+  assert sorted(got) == sorted(want) == list(range(1, TOTAL_STEPS + 1))
+  for step in range(resumed_from + 1, TOTAL_STEPS + 1):
+    assert got[step]['loss'] == pytest.approx(want[step]['loss'], abs=1e-6), step
+  step_a, params_a = final_params(workdir)
+  step_b, params_b = final_params(reference)
+  assert step_a == step_b == TOTAL_STEPS
+  assert_same_params(params_a, params_b)
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_is_exact(uninterrupted, tmp_path):
+  kill_at = random.Random(os.getpid()).randint(7, 24)  # after the first checkpoint (step 5)
+  code, _ = start_and_interrupt(tmp_path, signal.SIGKILL, lambda w: logged_step(w) >= kill_at)
+  assert code == -signal.SIGKILL
+  resumed = run(tmp_path)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'Resumed from' in resumed.stdout
+  resumed_from = int(resumed.stdout.split('at step ')[1].split('.')[0])
+  assert 5 <= resumed_from <= kill_at
+  compare_with_uninterrupted(tmp_path, uninterrupted, resumed_from)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_resumes_exactly(uninterrupted, tmp_path):
+  code, stderr = start_and_interrupt(tmp_path, signal.SIGTERM, lambda w: logged_step(w) >= 12)
+  assert code == 75, stderr[-2000:]
+  assert 'stopped by SIGTERM at step' in stderr
+  stopped_at = int(stderr.split('stopped by SIGTERM at step ')[1].split(';')[0])
+  step, _ = final_params(tmp_path)
+  assert step == stopped_at  # the checkpoint of the very step it stopped at, committed
+  resumed = run(tmp_path)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f'at step {stopped_at}.' in resumed.stdout
+  compare_with_uninterrupted(tmp_path, uninterrupted, stopped_at)
+
+
+@pytest.mark.slow
+def test_kill_during_checkpoint_write_resumes_from_previous(uninterrupted, tmp_path):
+  ckpt_dir = tmp_path / 'checkpoints'
+
+  def writing(workdir):
+    del workdir
+    return ckpt_dir.is_dir() and any('tmp' in name for name in os.listdir(ckpt_dir)) and any(
+        name.isdigit() for name in os.listdir(ckpt_dir))  # a second checkpoint is being written
+
+  code, _ = start_and_interrupt(tmp_path, signal.SIGKILL, writing)
+  assert code == -signal.SIGKILL
+  complete = sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
+  assert complete, 'no complete checkpoint survived the kill'
+  resumed = run(tmp_path)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f'at step {complete[-1]}.' in resumed.stdout
+  assert not any('tmp' in n for n in os.listdir(ckpt_dir))  # leftovers cleaned up
+  compare_with_uninterrupted(tmp_path, uninterrupted, complete[-1])
+
+
+def test_nan_batch_is_skipped_and_counted(tmp_path):
+  result = run(tmp_path, '--config.debug.nan_steps=(7,)', '--config.checkpoint_every_steps=1',
+               '--config.keep_checkpoints=40', '--config.num_epochs=1')
+  assert result.returncode == 0, result.stderr[-3000:]
+  logs = losses_by_step(tmp_path)
+  assert logs[8]['skipped'] == 1 and logs[8]['skipped_total'] == 1  # step index 7 = 8th step
+  assert logs[7]['skipped'] == 0 and logs[9]['skipped'] == 0 and logs[15]['skipped_total'] == 1
+  assert np.isfinite(logs[9]['loss'])
+  mngr = ocp.CheckpointManager(os.path.join(tmp_path, 'checkpoints'), item_names=('state', 'meta'))
+  restore = lambda s: mngr.restore(s, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore()))['state']
+  before, after = restore(7), restore(8)
+  assert_same_params(before['params'], after['params'], atol=0)
+  assert_same_params(before['batch_stats'], after['batch_stats'], atol=0)
+  assert int(after['step']) == 8
+
+
+def test_repeated_nan_stops_with_a_message(tmp_path):
+  result = run(tmp_path, '--config.debug.nan_steps=(6,7,8,9,10,11)',
+               '--config.max_consecutive_skips=3')
+  assert result.returncode == 3, result.stderr[-3000:]
+  assert 'not finite for 4 steps in a row' in result.stderr
+  assert 'loss terms' in result.stderr
+  assert 'The last checkpoint before these steps is step 5' in result.stderr
+
+
+def test_fresh_refuses_an_existing_run(tmp_path):
+  (tmp_path / 'checkpoints' / '5').mkdir(parents=True)
+  result = run(tmp_path, '--fresh')
+  assert result.returncode == 2
+  assert '--fresh' in result.stderr and '--overwrite' in result.stderr
+
+
+def test_invalid_config_and_unwritable_workdir(tmp_path):
+  bad = run(tmp_path / 'w', '--config.batch_size=0')
+  assert bad.returncode == 2 and 'config.batch_size = 0' in bad.stderr
+  blocker = tmp_path / 'file'
+  blocker.write_text('x')
+  unwritable = run(blocker / 'sub')
+  assert unwritable.returncode == 2 and 'is not writable' in unwritable.stderr
