@@ -197,6 +197,11 @@ def create_state(model, tx, config, mesh, batch_size: int):
 def setup(config: ml_collections.ConfigDict, workdir: str):
   """Everything a run needs before its first step: data, model, optimizer, mesh, state."""
   builder = datasets.build(config, workdir)
+  if uses_clip(config) and config.data.name == 'synthetic' and not config.data.clip_online:
+    # The demo's CLIP features come from its seeded random CLIP: build them on first use.
+    # Real datasets need the explicit `--mode clip_cache` step (a clear error says so).
+    from input_pipeline import clip_cache  # pylint: disable=import-outside-toplevel
+    clip_cache.build(config, workdir)
   train_split = datasets.open_split(builder, config.data.train_split)
   steps_per_epoch = loader.steps_per_epoch(train_split, config.batch_size)
   model = aahr.build_model(config.model)

@@ -58,6 +58,8 @@ def aahr_model(embed_size: int = 1024, bert: dict | None = None) -> ml_collectio
   m.gglp_mask_padding = False
   # Frozen CLIP whose global features are model inputs (cached once; aahr_spec.md 2.2).
   m.clip_dim = 512
+  m.use_clip = True
+  m.clip_checkpoint = 'weights/open_clip_vit_b32_laion2b.safetensors'  # `python -m conversion open_clip`
   m.clip_model = 'ViT-B-32'
   m.clip_pretrained = 'laion2b_s34b_b79k'
   return m

@@ -96,6 +96,9 @@ def _caption(kind: str, objects: list[dict], rng: np.random.Generator) -> str:
     parts = [f'a {_phrase(objects[k], rng)}' for k in order]
     listing = ' , '.join(parts[:-1]) + ' and ' + parts[-1]
     return f'{COUNT_WORDS[len(objects)]} shapes : {listing}'
+  if kind == 'pair':  # two objects, no relation: binding without spatial reasoning
+    i, j = rng.choice(len(objects), size=2, replace=False)
+    return f'{opener}a {_phrase(objects[i], rng)} and a {_phrase(objects[j], rng)}'
   if kind == 'position':
     obj = objects[int(rng.integers(len(objects)))]
     place = f'{ROW_NAMES[obj["row"]]} {COL_NAMES[obj["col"]]}'
@@ -109,9 +112,10 @@ def _caption(kind: str, objects: list[dict], rng: np.random.Generator) -> str:
 
 
 def make_captions(objects: list[dict], rng: np.random.Generator) -> list[str]:
-  """Five different captions: relation, statement, list, position, and one more that is a
-  partial description half of the time (shuffled)."""
-  kinds = ['relation', 'statement', 'list', 'position',
+  """Five different captions: relation, statement, list, pair, and one more that is a partial
+  description half of the time (shuffled). (`position` captions exist but are not used: a pooled
+  dual encoder cannot bind an object to a grid cell, so they only add noise to the demo.)"""
+  kinds = ['relation', 'statement', 'list', 'pair',
            'partial' if rng.random() < 0.5 else 'relation']
   captions: list[str] = []
   for kind in kinds:
