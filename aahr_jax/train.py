@@ -26,6 +26,7 @@ from aahr_jax import checkpoint
 from aahr_jax import config_checks
 from aahr_jax import evaluate
 from aahr_jax import losses
+from aahr_jax import multihost
 from aahr_jax import optim
 from aahr_jax import sharding
 from aahr_jax.models import aahr
@@ -84,6 +85,8 @@ def load_pretrained(config, params):
         f'`python -m conversion bert --src bert-base-uncased/ --out {path}`, or set '
         '--config.model.bert_init= for a random init')
   _, loaded = bert_lib.load(path)
+  if config.model.get('bert_scan', False):
+    loaded = bert_lib.stack_layers(loaded, config.model.bert['num_hidden_layers'])
   current = traverse_util.flatten_dict(params['txt']['bert'], sep='/')
   new = traverse_util.flatten_dict(loaded, sep='/')
   missing = sorted(set(current) - set(new))
@@ -94,7 +97,8 @@ def load_pretrained(config, params):
   params = dict(params)
   params['txt'] = dict(params['txt'])
   params['txt']['bert'] = traverse_util.unflatten_dict(
-      {k: jnp.asarray(new[k], current[k].dtype) for k in current}, sep='/')
+      {k: np.asarray(new[k], current[k].dtype) for k in current}, sep='/')  # host arrays:
+  # the caller places them with the state's shardings (one copy per process, not per device)
   return params
 
 
@@ -186,25 +190,29 @@ def create_state_fn(model, tx, config, batch_size: int):
 
 
 def create_state(model, tx, config, mesh, batch_size: int):
-  """Shapes first (eval_shape), then a jitted init whose outputs are born replicated."""
+  """Shapes first (eval_shape), shardings from config.sharding_rules, then a jitted init whose
+  outputs are born sharded (no device ever holds an unsharded copy)."""
   init = create_state_fn(model, tx, config, batch_size)
   rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(init, rng)
-  shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+  shardings = sharding.state_shardings(
+      abstract, config.get('sharding_rules', sharding.REPLICATE_ALL), mesh,
+      fsdp_min_size=config.get('fsdp_min_size', 0))
   return jax.jit(init, out_shardings=shardings)(rng), shardings
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str):
   """Everything a run needs before its first step: data, model, optimizer, mesh, state."""
-  builder = datasets.build(config, workdir)
+  # Process 0 builds missing data first; the others then find it built (shared data_dir).
+  builder = multihost.main_first('build_data', lambda: datasets.build(config, workdir))
   if uses_clip(config) and config.data.name == 'synthetic' and not config.data.clip_online:
     # The demo's CLIP features come from its seeded random CLIP: build them on first use.
     # Real datasets need the explicit `--mode clip_cache` step (a clear error says so).
     from input_pipeline import clip_cache  # pylint: disable=import-outside-toplevel
-    clip_cache.build(config, workdir)
+    multihost.main_first('clip_cache', lambda: clip_cache.build(config, workdir))
   train_split = datasets.open_split(builder, config.data.train_split)
   steps_per_epoch = loader.steps_per_epoch(train_split, config.batch_size)
-  model = aahr.build_model(config.model)
+  model = aahr.build_model(config.model, config.get('dtype', 'float32'))
   mesh = sharding.create_mesh(config.mesh)
   shapes = jax.eval_shape(lambda: create_state_fn(model, optax.identity(), config, config.batch_size)(
       jax.random.PRNGKey(0)).params)
@@ -266,26 +274,36 @@ def prepare_workdir(workdir: str, fresh: bool, overwrite: bool) -> None:
   """Creates the workdir and proves it writable before anything expensive runs."""
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, '.write_probe')
+    probe = os.path.join(workdir, f'.write_probe.{jax.process_index()}')  # one per process
     with open(probe, 'w', encoding='utf-8') as f:
       f.write('ok')
     os.remove(probe)
   except OSError as e:
     raise OSError(f'workdir {workdir} is not writable: {e}') from None
+  if not fresh:
+    return
+  multihost.sync('fresh:look')  # every process looks before process 0 deletes anything
   existing = os.path.isdir(os.path.join(workdir, checkpoint.LATEST_DIR)) and os.listdir(
       os.path.join(workdir, checkpoint.LATEST_DIR))
-  if fresh and existing:
+  if existing:
     if not overwrite:
       raise FileExistsError(
           f'--fresh: {workdir} already holds a run ({checkpoint.LATEST_DIR}/ is not empty); '
           'pass --overwrite as well to delete it, or choose another --workdir')
-    for name in (checkpoint.LATEST_DIR, checkpoint.BEST_DIR, 'eval', 'tensorboard',
-                 'metrics.jsonl', evaluate.BEST_FILE):
-      path = os.path.join(workdir, name)
-      if os.path.isdir(path):
-        shutil.rmtree(path)
-      elif os.path.exists(path):
-        os.remove(path)
+    if multihost.is_main():
+      _delete_run(workdir)
+  multihost.sync('fresh:deleted')
+
+
+def _delete_run(workdir: str) -> None:
+  """--fresh --overwrite: removes the previous run's outputs."""
+  for name in (checkpoint.LATEST_DIR, checkpoint.BEST_DIR, 'eval', 'tensorboard',
+               'metrics.jsonl', evaluate.BEST_FILE):
+    path = os.path.join(workdir, name)
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    elif os.path.exists(path):
+      os.remove(path)
 
 
 def check_disk_space(workdir: str, state, keep: int) -> None:
@@ -330,11 +348,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
                        in_shardings=(run['state_shardings'], sharding.batch_sharding(mesh)),
                        out_shardings=(run['state_shardings'], sharding.replicated(mesh)),
                        donate_argnums=(0,))
+  # This process's rows of each global batch: the block its devices hold on the mesh.
+  block, blocks = sharding.process_block(mesh, config.batch_size)
   batches = loader.train_iterator(
       run['train_split'], batch_size=config.batch_size, num_steps=total_steps,
       seed=config.seed, text=text, start_step=start_step,
       size_augment=config.data.size_augment, word_augment=config.data.word_augment,
-      process_index=jax.process_index(), process_count=jax.process_count(),
+      process_index=block, process_count=blocks,
       num_threads=config.data.num_threads)
   selection = SelectionEvaluator(config, workdir, run)
 
@@ -491,7 +511,8 @@ def evaluate_checkpoint(config, workdir: str, which: str | None = None) -> dict:
                             'train first (--mode train)')
   run = setup(config, workdir)
   best = evaluate.read_best(workdir)
-  if which in (None, '', 'best') and best is not None and best_mngr.latest_step() == best['step']:
+  wants_best = which in (None, '', 'best') or (best is not None and str(which) == str(best['step']))
+  if wants_best and best is not None and best_mngr.latest_step() == best['step']:
     state, _ = checkpoint.restore(best_mngr, best['step'], run['state'])
     return evaluate_state(config, workdir, run, state,
                           checkpoint_name=f'step {best["step"]} (best rsum {best["rsum"]:.1f})',
