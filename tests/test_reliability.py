@@ -64,9 +64,9 @@ def assert_same_params(a, b, atol=1e-6):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
 
 
-def start_and_interrupt(workdir, sig, when) -> tuple[int, str]:
+def start_and_interrupt(workdir, sig, when, *extra) -> tuple[int, str]:
   """Starts a run, sends `sig` once `when(workdir)` holds, returns (exit code, stderr)."""
-  proc = subprocess.Popen(command(workdir), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+  proc = subprocess.Popen(command(workdir, *extra), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   try:
     deadline = time.time() + RUN_TIMEOUT
@@ -152,11 +152,13 @@ def test_kill_during_checkpoint_write_resumes_from_previous(uninterrupted, tmp_p
     return ckpt_dir.is_dir() and any('tmp' in name for name in os.listdir(ckpt_dir)) and any(
         name.isdigit() for name in os.listdir(ckpt_dir))  # a second checkpoint is being written
 
-  code, _ = start_and_interrupt(tmp_path, signal.SIGKILL, writing)
+  # Checkpoints every 2 steps: many writes in flight to catch one (results do not change).
+  code, _ = start_and_interrupt(tmp_path, signal.SIGKILL, writing,
+                                '--config.checkpoint_every_steps=2')
   assert code == -signal.SIGKILL
   complete = sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
   assert complete, 'no complete checkpoint survived the kill'
-  resumed = run(tmp_path)
+  resumed = run(tmp_path, '--config.checkpoint_every_steps=2')
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f'at step {complete[-1]}.' in resumed.stdout
   assert not any('tmp' in n for n in os.listdir(ckpt_dir))  # leftovers cleaned up
