@@ -32,6 +32,16 @@ _TOP_K = flags.DEFINE_integer('top_k', 10, '--mode search: how many images to li
 _FRESH = flags.DEFINE_bool('fresh', False, '--mode train: start from scratch; refuses a workdir '
                            'that holds a run unless --overwrite is given too.')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'With --fresh: delete the existing run first.')
+# Multi-process runs (docs/scaling.md): one command per host / task.
+_DISTRIBUTED = flags.DEFINE_enum(
+    'distributed', 'auto', ['auto', 'on', 'off'],
+    'auto: join other processes when the flags below, JAX_COORDINATOR_ADDRESS, a multi-task '
+    'SLURM step or a multi-host TPU slice say so; on: always call jax.distributed.initialize() '
+    '(JAX detects the cluster); off: never.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'HOST:PORT of process 0 (with --num_processes, --process_id).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes in the run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes - 1.')
 
 # Errors that mean "the user's input is wrong": one line on stderr and exit status 2.
 EXIT_BAD_INPUT = 2
@@ -47,6 +57,13 @@ def main(argv):
     raise app.UsageError('--workdir is required')
   os.environ.setdefault('HF_HUB_OFFLINE', '1')
   logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file they touch at INFO
+  from aahr_jax import multihost  # pylint: disable=import-outside-toplevel
+  try:  # before anything touches a JAX backend
+    multihost.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                         _PROCESS_ID.value)
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
   # Imports after flag parsing keep `--help` fast.
   from aahr_jax import train  # pylint: disable=import-outside-toplevel
   from aahr_jax import eval_modes  # pylint: disable=import-outside-toplevel

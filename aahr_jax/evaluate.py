@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from aahr_jax import blockwise_ranks
+from aahr_jax import multihost
 from aahr_jax import recall_plot
 from aahr_jax import results_file
 from aahr_jax import sharding
@@ -46,14 +47,20 @@ def make_embed_fns(model, mesh):
   return (jax.jit(embed_images, out_shardings=out), jax.jit(embed_captions, out_shardings=out))
 
 
-def _keep(batch: dict, keys) -> dict:
-  return {k: batch[k] for k in keys if k in batch}
+def _keep(batch: dict, keys, rows: slice = slice(None)) -> dict:
+  return {k: batch[k][rows] for k in keys if k in batch}
 
 
 def encode_split(model, variables, split: loader.SplitSource, *, mesh, batch_size: int,
                  text: loader.TextOptions, progress: bool = True):
-  """Returns (image embeddings [n, D], caption embeddings [5n, D]) as float32 numpy."""
+  """Returns (image embeddings [n, D], caption embeddings [5n, D]) as float32 numpy.
+
+  Every process walks the same global batches (the last one padded with valid=False rows, so all
+  run the same number of steps), feeds the rows its devices hold, gets the embeddings of the
+  whole batch back (replicated) and drops the padding with the global mask.
+  """
   embed_images, embed_captions = make_embed_fns(model, mesh)
+  rows = sharding.process_rows(mesh, batch_size)
   images, captions = [], []
   n_batches = -(-split.num_images // batch_size) + -(-split.num_captions // batch_size)
   done = 0
@@ -61,7 +68,7 @@ def encode_split(model, variables, split: loader.SplitSource, *, mesh, batch_siz
   for batch in loader.eval_image_batches(split, batch_size):
     valid = batch['valid']
     emb = embed_images(variables, sharding.global_batch(
-        _keep(batch, ('regions', 'region_len', 'valid', 'clip_image')), mesh))
+        _keep(batch, ('regions', 'region_len', 'valid', 'clip_image'), rows), mesh))
     images.append(np.asarray(emb)[valid])
     done += 1
     if progress and done % 10 == 0:
@@ -70,7 +77,7 @@ def encode_split(model, variables, split: loader.SplitSource, *, mesh, batch_siz
   for batch in loader.eval_caption_batches(split, batch_size, text):
     valid = batch['valid']
     emb = embed_captions(variables, sharding.global_batch(
-        _keep(batch, ('bert_ids', 'bert_len', 'valid', 'clip_text')), mesh))
+        _keep(batch, ('bert_ids', 'bert_len', 'valid', 'clip_text'), rows), mesh))
     captions.append(np.asarray(emb)[valid])
     done += 1
     if progress and done % 10 == 0:
@@ -356,6 +363,9 @@ def update_best(workdir: str, step: int, results: dict, split_name: str) -> bool
   """Records `step` in best.json if its selection score beats the recorded one (process 0
   writes). Returns True when it is the new best: the trainer must then keep that checkpoint."""
   best = read_best(workdir)
+  # Every process must take the same decision (the best checkpoint is saved collectively):
+  # all read best.json before process 0 may rewrite it.
+  multihost.sync(f'best:{step}')
   score = selection_score(results)
   if best is not None and best['selection_split'] != split_name:
     raise ValueError(f'{os.path.join(workdir, BEST_FILE)} selected on '

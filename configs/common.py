@@ -43,7 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
   """Fields every config has; dataset configs override what they need."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.dtype = 'float32'
+  c.dtype = 'float32'            # compute dtype ('bfloat16': bf16 matmuls; fp32 params, losses)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'synthetic'      # 'synthetic' generates the demo world when manual_dir is empty
@@ -72,6 +72,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.embed_size = 1024
   c.model.region_hidden = 512    # hidden width of the region MLP
   c.model.bert = dict(BERT_BASE)
+  c.model.bert_remat = False     # recompute each BERT layer in the backward pass (less memory)
+  c.model.bert_scan = False      # one scanned BERT layer (fast compile; stacked params)
   c.model.bert_init = ''         # converted BERT (`python -m conversion bert`); '' = random init
   c.model.bn_mask_padding = False  # quirk Q8: faithful BN statistics include pads < batch max
   c.model.use_clip = False       # batches carry clip_image / clip_text features (AAHR: always)
@@ -96,7 +98,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   c.max_consecutive_skips = 10   # non-finite loss/gradient steps in a row before the run stops
-  c.mesh = (('data', -1),)
+  c.mesh = (('data', -1),)       # e.g. (('data', 4), ('fsdp', 2)); axes data | fsdp | model
+  # (regex over the train-state path, op): 'replicate' | 'fsdp' | 'model:DIM', joined by '|';
+  # first full match wins (aahr_jax/sharding.py; docs/scaling.md for FSDP / tensor parallel).
+  c.sharding_rules = (('.*', 'replicate'),)
+  c.fsdp_min_size = 2**20        # 'fsdp' leaves arrays with fewer elements replicated
   c.debug = ml_collections.ConfigDict(dict(nan_steps=()))  # tests: steps whose batch is all NaN
 
   c.eval = ml_collections.ConfigDict()

@@ -8,6 +8,7 @@ rules read as regexes over readable paths.
 """
 
 import dataclasses
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -31,6 +32,7 @@ class GPOImageTower(nn.Module):
   embed_size: int
   bn_mask_padding: bool = False  # False: BN statistics include pads below the batch max (Q8)
   hidden: int = 512  # the MLP's hidden width (512 in every original)
+  dtype: Any = jnp.float32  # matmul dtype; GPO's weights and the l2 norm stay float32
 
   @nn.compact
   def __call__(self, regions, region_len, valid=None, *, train: bool = False):
@@ -40,25 +42,31 @@ class GPOImageTower(nn.Module):
                                    jnp.full_like(region_len, widest), n)
     if valid is not None:
       bn_rows = bn_rows & valid[:, None]
-    fc = layers.TorchDense(self.embed_size, xavier=True, name='fc')(regions)
-    mlp = encoders.MLP(self.hidden, self.embed_size, xavier=False, name='mlp')(regions, bn_rows,
-                                                                        train=train)
+    fc = layers.TorchDense(self.embed_size, xavier=True, dtype=self.dtype, name='fc')(regions)
+    mlp = encoders.MLP(self.hidden, self.embed_size, xavier=False, dtype=self.dtype,
+                       name='mlp')(regions, bn_rows, train=train)
     features = fc + mlp
-    return layers.l2_normalize(pooling.GPO(name='gpool')(features, region_len))
+    pooled = pooling.GPO(name='gpool')(features, region_len)
+    return layers.l2_normalize(pooled.astype(jnp.float32))
 
 
 class GPOTextTower(nn.Module):
   """VSE-infinity text encoder: BERT -> Linear(hidden -> D) -> GPO -> l2norm."""
   embed_size: int
   bert: bert_lib.BertConfig
+  dtype: Any = jnp.float32
+  bert_remat: bool = False
+  bert_scan: bool = False
 
   @nn.compact
   def __call__(self, bert_ids, bert_len, *, train: bool = False):
-    hidden = bert_lib.BertModel(self.bert, name='bert')(
+    hidden = bert_lib.BertModel(self.bert, dtype=self.dtype, remat=self.bert_remat,
+                                scan=self.bert_scan, name='bert')(
         bert_ids, attention_mask=(bert_ids != 0).astype(jnp.int32),
         deterministic=not train).last_hidden_state
-    words = layers.TorchDense(self.embed_size, name='linear')(hidden)
-    return layers.l2_normalize(pooling.GPO(name='gpool')(words, bert_len))
+    words = layers.TorchDense(self.embed_size, dtype=self.dtype, name='linear')(hidden)
+    pooled = pooling.GPO(name='gpool')(words, bert_len)
+    return layers.l2_normalize(pooled.astype(jnp.float32))
 
 
 class VSEInfinity(nn.Module):
@@ -67,10 +75,15 @@ class VSEInfinity(nn.Module):
   bert: bert_lib.BertConfig
   bn_mask_padding: bool = False
   region_hidden: int = 512  # the image MLP's hidden width (the original's embed_size // 2)
+  dtype: Any = jnp.float32  # compute dtype of the matmuls; parameters are float32
+  bert_remat: bool = False
+  bert_scan: bool = False
 
   def setup(self):
-    self.img = GPOImageTower(self.embed_size, self.bn_mask_padding, hidden=self.region_hidden)
-    self.txt = GPOTextTower(self.embed_size, self.bert)
+    self.img = GPOImageTower(self.embed_size, self.bn_mask_padding, hidden=self.region_hidden,
+                             dtype=self.dtype)
+    self.txt = GPOTextTower(self.embed_size, self.bert, dtype=self.dtype,
+                            bert_remat=self.bert_remat, bert_scan=self.bert_scan)
 
   def embed_images(self, regions, region_len, valid=None, *, train: bool = False):
     return self.img(regions, region_len, valid, train=train)
@@ -103,6 +116,9 @@ class AAHRSettings:
   renorm_fused: bool = False     # Q5 corrected: unit-norm fused embeddings
   bn_mask_padding: bool = False  # Q8 corrected: region BN statistics over valid rows only
   gglp_mask_padding: bool = False  # Q1 corrected: GGLP softmax over each row's valid positions
+  dtype: str = 'float32'         # compute dtype of the matmuls (config.dtype); params float32
+  bert_remat: bool = False
+  bert_scan: bool = False
 
 
 def _local_global_head(s: AAHRSettings, features, lengths, limit, clip_features, train: bool):
@@ -116,16 +132,19 @@ def _local_global_head(s: AAHRSettings, features, lengths, limit, clip_features,
     fused    = gated_fusion(l2n(prefused), l2n(g))   [normalised again if renorm_fused]
   """
   lengths = jnp.maximum(lengths, 1)  # rows of length 0 are batch padding; keep them finite
-  pooled = pooling.maxk_pool(features, lengths, s.maxk)
+  pooled = pooling.maxk_pool(features, lengths, s.maxk).astype(jnp.float32)
   contextual = relations.TransformerEncoder(
       num_layers=1, num_heads=s.num_heads, ff_dim=s.embed_size, dropout_rate=s.dropout,
-      name='aggr')(features,
+      dtype=jnp.dtype(s.dtype), name='aggr')(features,
                    relations.key_padding_additive_mask(lengths, features.shape[1],
                                                        features.dtype),
                    deterministic=not train)
   clip_emb = encoders.ClipProjection(s.embed_size, name='fc_clip')(clip_features)
+  # GGLP, the residual mix and the gated fusion are small: float32, so the embeddings that the
+  # losses and similarities see are float32 whatever the compute dtype.
   attended = pooling.GlobalGuidedAttentionPool(s.gglp_heads, s.gglp_logit_scale,
-                                               name='mha_pool')(clip_emb, contextual, limit)
+                                               dtype=jnp.dtype(s.dtype), name='mha_pool')(
+                                                   clip_emb, contextual, limit)
   prefused = s.residual_weight * pooled + (1.0 - s.residual_weight) * attended
   gate_in = ((layers.l2_normalize(prefused), layers.l2_normalize(clip_emb))
              if s.gate_l2_inputs else (prefused, clip_emb))
@@ -150,11 +169,13 @@ class AAHRImageTower(nn.Module):
                                    jnp.full_like(region_len, widest), n)
     if valid is not None:
       bn_rows = bn_rows & valid[:, None]
-    local = encoders.RegionEncoder(s.embed_size, s.region_hidden, mlp_xavier=True, name='fc')(
+    local = encoders.RegionEncoder(s.embed_size, s.region_hidden, mlp_xavier=True,
+                                   dtype=jnp.dtype(s.dtype), name='fc')(
         regions, bn_rows, train=train)
     limit = region_len if s.gglp_mask_padding else jnp.full_like(region_len, widest)
     fused, prefused = _local_global_head(s, local, region_len, limit, clip_image, train)
-    return {'fused': fused, 'prefusion': prefused, 'local': local, 'batch_max': widest}
+    return {'fused': fused, 'prefusion': prefused, 'local': local.astype(jnp.float32),
+            'batch_max': widest}
 
 
 class AAHRTextTower(nn.Module):
@@ -168,14 +189,16 @@ class AAHRTextTower(nn.Module):
                bert_train: bool | None = None):
     s = self.settings
     bert_train = train if bert_train is None else bert_train
-    hidden = bert_lib.BertModel(self.bert, name='bert')(
+    hidden = bert_lib.BertModel(self.bert, dtype=jnp.dtype(s.dtype), remat=s.bert_remat,
+                                scan=s.bert_scan, name='bert')(
         bert_ids, attention_mask=(bert_ids != 0).astype(jnp.int32),
         deterministic=not bert_train).last_hidden_state
-    local = layers.TorchDense(s.embed_size, name='linear')(hidden)
+    local = layers.TorchDense(s.embed_size, dtype=jnp.dtype(s.dtype), name='linear')(hidden)
     widest = batch_max(bert_len, valid)
     limit = bert_len if s.gglp_mask_padding else jnp.full_like(bert_len, widest)
     fused, prefused = _local_global_head(s, local, bert_len, limit, clip_text, train)
-    return {'fused': fused, 'prefusion': prefused, 'local': local, 'batch_max': widest}
+    return {'fused': fused, 'prefusion': prefused, 'local': local.astype(jnp.float32),
+            'batch_max': widest}
 
 
 class AAHR(nn.Module):
@@ -232,16 +255,22 @@ class AAHR(nn.Module):
             'batch_max_regions': img['batch_max'], 'batch_max_len': cap['batch_max']}
 
 
-def build_model(model_config) -> nn.Module:
-  """Model from `config.model` (an ml_collections ConfigDict)."""
+def build_model(model_config, dtype: str = 'float32') -> nn.Module:
+  """Model from `config.model` (an ml_collections ConfigDict); `dtype` is config.dtype, the
+  compute dtype of the matmuls ('float32' or 'bfloat16'; parameters are always float32)."""
   bert_config = bert_lib.BertConfig.from_dict(dict(model_config.bert))
+  remat = bool(model_config.get('bert_remat', False))
+  scan = bool(model_config.get('bert_scan', False))
   if model_config.name == 'vse_infinity':
     return VSEInfinity(embed_size=model_config.embed_size, bert=bert_config,
                        bn_mask_padding=model_config.get('bn_mask_padding', False),
-                       region_hidden=model_config.get('region_hidden', 512))
+                       region_hidden=model_config.get('region_hidden', 512),
+                       dtype=jnp.dtype(dtype), bert_remat=remat, bert_scan=scan)
   if model_config.name == 'aahr':
-    names = {f.name for f in dataclasses.fields(AAHRSettings)}
-    settings = AAHRSettings(**{k: model_config[k] for k in names if k in model_config})
+    names = {f.name for f in dataclasses.fields(AAHRSettings)} - {'dtype', 'bert_remat',
+                                                                  'bert_scan'}
+    settings = AAHRSettings(**{k: model_config[k] for k in names if k in model_config},
+                            dtype=str(jnp.dtype(dtype)), bert_remat=remat, bert_scan=scan)
     return AAHR(embed_size=model_config.embed_size, bert=bert_config, settings=settings)
   raise ValueError(f'config.model.name = {model_config.name!r} is not a known model; '
                    "expected 'vse_infinity' or 'aahr'")

@@ -165,27 +165,79 @@ class BertLayer(nn.Module):
     return BertResidualOutput(self.config, self.dtype, name='output')(h, x, deterministic)
 
 
+class _CarriedBertLayer(BertLayer):
+  """BertLayer as a scan body: carry -> (carry, this layer's output)."""
+  deterministic: bool = True
+
+  def __call__(self, x, key_mask):  # pylint: disable=arguments-differ
+    y = super().__call__(x, key_mask, self.deterministic)
+    return y, y
+
+
+SCAN_NAME = 'scan'  # encoder/layer/scan/...: every layer's parameter stacked on axis 0
+
+
 class BertLayerCollection(nn.Module):
-  """Holds the layers as children '0', '1', ... so paths read encoder/layer/{i}/..."""
+  """Holds the layers as children '0', '1', ... so paths read encoder/layer/{i}/...
+
+  remat: each layer's activations are recomputed in the backward pass (memory for compute).
+  scan: one layer body scanned over stacked parameters encoder/layer/scan/... [L, ...] (compile
+  time independent of depth); `stack_layers` / `unstack_layers` convert between the layouts.
+  """
   config: BertConfig
   dtype: Any = jnp.float32
+  remat: bool = False
+  scan: bool = False
 
   @nn.compact
   def __call__(self, x, key_mask, deterministic: bool):
+    n = self.config.num_hidden_layers
+    if self.scan:
+      body = nn.remat(_CarriedBertLayer) if self.remat else _CarriedBertLayer
+      scanned = nn.scan(body, variable_axes={'params': 0}, split_rngs={'params': True,
+                                                                        'dropout': True},
+                        in_axes=nn.broadcast, length=n)
+      _, ys = scanned(self.config, self.dtype, deterministic, name=SCAN_NAME)(x, key_mask)
+      return [ys[i] for i in range(n)]
+    # static_argnums counts the module as argument 0: `deterministic` is argument 3.
+    layer = nn.remat(BertLayer, static_argnums=(3,)) if self.remat else BertLayer
     states = []
-    for i in range(self.config.num_hidden_layers):
-      x = BertLayer(self.config, self.dtype, name=str(i))(x, key_mask, deterministic)
+    for i in range(n):
+      x = layer(self.config, self.dtype, name=str(i))(x, key_mask, deterministic)
       states.append(x)
     return states
+
+
+def stack_layers(bert_params: dict, num_layers: int) -> dict:
+  """Unrolled BERT parameters (encoder/layer/{i}/...) -> the scanned layout (.../scan/...)."""
+  layers = bert_params['encoder']['layer']
+  missing = [str(i) for i in range(num_layers) if str(i) not in layers]
+  if missing:
+    raise ValueError(f'BERT parameters lack encoder layers {missing}: they are not the unrolled '
+                     f'layout of a {num_layers}-layer model')
+  stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(v) for v in xs]),
+                         *[layers[str(i)] for i in range(num_layers)])
+  return {**bert_params, 'encoder': {**bert_params['encoder'], 'layer': {SCAN_NAME: stacked}}}
+
+
+def unstack_layers(bert_params: dict) -> dict:
+  """The scanned layout -> unrolled encoder/layer/{i}/... (for conversion back and export)."""
+  stacked = bert_params['encoder']['layer'][SCAN_NAME]
+  n = jax.tree.leaves(stacked)[0].shape[0]
+  layers = {str(i): jax.tree.map(lambda v, i=i: v[i], stacked) for i in range(n)}
+  return {**bert_params, 'encoder': {**bert_params['encoder'], 'layer': layers}}
 
 
 class BertEncoder(nn.Module):
   config: BertConfig
   dtype: Any = jnp.float32
+  remat: bool = False
+  scan: bool = False
 
   @nn.compact
   def __call__(self, x, key_mask, deterministic: bool):
-    return BertLayerCollection(self.config, self.dtype, name='layer')(x, key_mask, deterministic)
+    return BertLayerCollection(self.config, self.dtype, self.remat, self.scan, name='layer')(
+        x, key_mask, deterministic)
 
 
 class BertPooler(nn.Module):
@@ -202,6 +254,8 @@ class BertModel(nn.Module):
   config: BertConfig
   dtype: Any = jnp.float32          # compute dtype; params stay float32
   add_pooling_layer: bool = True
+  remat: bool = False               # recompute layer activations in the backward pass
+  scan: bool = False                # scan one layer over stacked parameters
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
@@ -219,7 +273,8 @@ class BertModel(nn.Module):
 
     x = BertEmbeddings(self.config, self.dtype, name='embeddings')(
         input_ids, token_type_ids, position_ids, deterministic)
-    states = BertEncoder(self.config, self.dtype, name='encoder')(x, key_mask, deterministic)
+    states = BertEncoder(self.config, self.dtype, self.remat, self.scan, name='encoder')(
+        x, key_mask, deterministic)
     last = states[-1] if states else x
     pooled = BertPooler(self.config, self.dtype, name='pooler')(last) \
         if self.add_pooling_layer else None

@@ -20,18 +20,19 @@ class MLP(nn.Module):
   hidden: int
   out: int
   xavier: bool  # AAHR: Xavier everywhere; VSE-infinity: torch default for the MLP
+  dtype: jnp.dtype = jnp.float32  # matmul dtype; BatchNorm statistics are float32
 
   @nn.compact
   def __call__(self, x, bn_mask, *, train: bool):
     b, n, _ = x.shape
-    h = layers.TorchDense(self.hidden, xavier=self.xavier, name='layers_0')(x)
+    h = layers.TorchDense(self.hidden, xavier=self.xavier, dtype=self.dtype, name='layers_0')(x)
     h = layers.MaskedBatchNorm(name='bns_0')(h.reshape(b * n, -1), bn_mask.reshape(b * n),
                                              train=train)
     h = nn.relu(h).reshape(b, n, -1)
     if self.is_initializing():  # create the unused BN's variables
       layers.MaskedBatchNorm(name='bns_1')(jnp.zeros((1, self.out)), jnp.ones((1,), bool),
                                            train=False)
-    return layers.TorchDense(self.out, xavier=self.xavier, name='layers_1')(h)
+    return layers.TorchDense(self.out, xavier=self.xavier, dtype=self.dtype, name='layers_1')(h)
 
 
 class RegionEncoder(nn.Module):
@@ -44,11 +45,12 @@ class RegionEncoder(nn.Module):
   embed_size: int
   hidden: int = 512
   mlp_xavier: bool = False
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, regions, bn_mask, *, train: bool):
-    fc = layers.TorchDense(self.embed_size, xavier=True, name='fc')(regions)
-    mlp = MLP(self.hidden, self.embed_size, xavier=self.mlp_xavier, name='mlp')
+    fc = layers.TorchDense(self.embed_size, xavier=True, dtype=self.dtype, name='fc')(regions)
+    mlp = MLP(self.hidden, self.embed_size, xavier=self.mlp_xavier, dtype=self.dtype, name='mlp')
     return fc + mlp(regions, bn_mask, train=train)
 
 

@@ -106,10 +106,12 @@ def maxk_pool(features, lengths, k: int = 2):
   s = features.shape[1]
   valid = layers.position_mask(lengths, s)
   filled = jnp.where(valid[:, :, None], features, -jnp.inf)
-  top = -jnp.sort(-filled, axis=1)[:, :k]  # [B, k, D]
+  # top_k over the position axis (moved last) instead of a full sort: a partial selection,
+  # and its gradient is a scatter of k entries rather than the sort's permutation.
+  top = jax.lax.top_k(jnp.swapaxes(filled, 1, 2), k)[0]  # [B, D, k]
   k_eff = jnp.minimum(lengths, k)
-  use = (jnp.arange(k)[None, :] < k_eff[:, None])[:, :, None]
-  return jnp.where(use, top, 0.0).sum(axis=1) / k_eff[:, None].astype(features.dtype)
+  use = (jnp.arange(k)[None, :] < k_eff[:, None])[:, None, :]
+  return jnp.where(use, top, 0.0).sum(axis=2) / k_eff[:, None].astype(features.dtype)
 
 
 
@@ -122,6 +124,7 @@ class StackedDense(nn.Module):
   """
   heads: int
   features: int
+  dtype: jnp.dtype = jnp.float32  # matmul dtype; parameters are float32
 
   @nn.compact
   def __call__(self, x, per_head: bool = False):
@@ -129,6 +132,7 @@ class StackedDense(nn.Module):
     kernel = self.param('kernel', nn.initializers.variance_scaling(
         1.0 / 3.0, 'fan_in', 'uniform', batch_axis=(0,)), (self.heads, fan_in, self.features))
     bias = self.param('bias', layers.torch_bias_init(fan_in), (self.heads, self.features))
+    x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
     if per_head:
       return jnp.einsum('...hi,hio->...ho', x, kernel) + bias
     return jnp.einsum('...i,hio->...ho', x, kernel) + bias
@@ -149,19 +153,22 @@ class GlobalGuidedAttentionPool(nn.Module):
   """
   heads: int = 8
   logit_scale: float = 1.0  # Q2: the original's cosine logits have no temperature
+  dtype: jnp.dtype = jnp.float32  # the projections' matmuls; norms, logits, softmax: float32
 
   @nn.compact
   def __call__(self, query, features, limit):  # query [B, D], features [B, S, D], limit [B]
     d = features.shape[-1]
-    q = unit_rows(StackedDense(self.heads, d, name='query')(query))        # [B, H, D]
-    k = unit_rows(StackedDense(self.heads, d, name='key')(features))       # [B, S, H, D]
+    f32 = jnp.float32
+    q = unit_rows(StackedDense(self.heads, d, name='query')(query).astype(f32))   # [B, H, D]
+    k = unit_rows(StackedDense(self.heads, d, self.dtype, name='key')(features).astype(f32))
     logits = jnp.einsum('bshd,bhd->bhs', k, q) * self.logit_scale
     inside = layers.position_mask(jnp.maximum(limit, 1), features.shape[1])[:, None, :]
     weights = jax.nn.softmax(jnp.where(inside, logits, -jnp.inf), axis=-1)
     # sum_s w_s (W f_s + b) = W (sum_s w_s f_s) + b since the weights sum to one: the value map
     # runs on one pooled vector per head instead of on every position.
-    pooled = jnp.einsum('bhs,bsd->bhd', weights, features)
-    return StackedDense(self.heads, d, name='value')(pooled, per_head=True).mean(axis=1)
+    pooled = jnp.einsum('bhs,bsd->bhd', weights.astype(self.dtype), features.astype(self.dtype))
+    return StackedDense(self.heads, d, self.dtype, name='value')(
+        pooled, per_head=True).astype(f32).mean(axis=1)
 
 
 class GatedFusion(nn.Module):

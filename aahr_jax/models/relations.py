@@ -207,6 +207,7 @@ class MultiheadSelfAttention(nn.Module):
   num_heads: int
   dropout_rate: float = 0.1
   precision: Any = None
+  dtype: Any = jnp.float32  # matmul dtype; logits and softmax are float32
 
   @nn.compact
   def __call__(self, x: jax.Array, additive_mask: jax.Array | None, *,
@@ -216,20 +217,20 @@ class MultiheadSelfAttention(nn.Module):
     head_dim = d_model // self.num_heads
     qkv = nn.Dense(3 * d_model, kernel_init=nn.initializers.xavier_uniform(),
                    bias_init=nn.initializers.zeros_init(), precision=self.precision,
-                   name="in_proj")(x)
+                   dtype=self.dtype, name="in_proj")(x)
     split_heads = lambda t: t.reshape(*t.shape[:-1], self.num_heads, head_dim)
     query, key, value = (split_heads(t) for t in jnp.split(qkv, 3, axis=-1))
     logits = jnp.einsum("...qhd,...khd->...hqk", query / math.sqrt(head_dim), key,
-                        precision=self.precision)
+                        precision=self.precision).astype(jnp.float32)
     if additive_mask is not None:
-      logits = logits + additive_mask[..., None, :, :]
-    probs = jax.nn.softmax(logits, axis=-1)
+      logits = logits + additive_mask[..., None, :, :].astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
     out = jnp.einsum("...hqk,...khd->...qhd", probs, value, precision=self.precision)
     out = out.reshape(*out.shape[:-2], d_model)
     return nn.Dense(d_model, kernel_init=torch_linear_kernel_init,
                     bias_init=nn.initializers.zeros_init(), precision=self.precision,
-                    name="out_proj")(out)
+                    dtype=self.dtype, name="out_proj")(out)
 
 
 def key_padding_additive_mask(lengths: jax.Array, size: int, dtype=jnp.float32) -> jax.Array:
@@ -250,6 +251,7 @@ class TransformerEncoderLayer(nn.Module):
   dropout_rate: float = 0.1
   layer_norm_eps: float = 1e-5
   precision: Any = None
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, additive_mask: jax.Array | None = None, *,
@@ -258,13 +260,13 @@ class TransformerEncoderLayer(nn.Module):
     ff_dim = self.ff_dim or d_model
     dropout = lambda t: nn.Dropout(self.dropout_rate)(t, deterministic=deterministic)
     layer_norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, use_fast_variance=False,
-                                           name=name)
+                                           dtype=self.dtype, name=name)
     linear = lambda features, fan_in, name: nn.Dense(
         features, kernel_init=torch_linear_kernel_init, bias_init=torch_linear_bias_init(fan_in),
-        precision=self.precision, name=name)
+        precision=self.precision, dtype=self.dtype, name=name)
 
     attended = MultiheadSelfAttention(self.num_heads, self.dropout_rate, self.precision,
-                                      name="self_attn")(x, additive_mask,
+                                      self.dtype, name="self_attn")(x, additive_mask,
                                                         deterministic=deterministic)
     x = layer_norm("norm1")(x + dropout(attended))
     hidden = dropout(jax.nn.relu(linear(ff_dim, d_model, "linear1")(x)))
@@ -279,10 +281,11 @@ class TransformerEncoder(nn.Module):
   ff_dim: int | None = None
   dropout_rate: float = 0.1
   precision: Any = None
+  dtype: Any = jnp.float32
 
   def setup(self):
     self.layers = [TransformerEncoderLayer(self.num_heads, self.ff_dim, self.dropout_rate,
-                                           precision=self.precision)
+                                           precision=self.precision, dtype=self.dtype)
                    for _ in range(self.num_layers)]
 
   def __call__(self, x: jax.Array, additive_mask: jax.Array | None = None, *,
