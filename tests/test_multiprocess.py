@@ -58,4 +58,5 @@ def test_two_processes_match_one_process_on_8_devices(scaling_dir):
   params = scaling_runs.restore_params(workdir, scaling_runs.STEPS_PER_EPOCH)
   ref_params = scaling_runs.restore_params(str(scaling_dir / 'ref8'),
                                            scaling_runs.STEPS_PER_EPOCH)
-  assert scaling_runs.max_param_diff(ref_params, params) <= 1e-5
+  diff, path = scaling_runs.max_param_diff(ref_params, params)
+  assert diff <= 1e-5, (path, diff)

@@ -89,9 +89,9 @@ def test_losses_and_params_equal_on_1_8_and_data_x_fsdp(scaling_dir):
   assert last['weight_swav'] > 0 and last['weight_graph'] > 0 and last['weight_moco'] > 0
   ref_params = scaling_runs.restore_params(reference, scaling_runs.STEPS_PER_EPOCH)
   for other in (one, fsdp):
-    diff = scaling_runs.max_param_diff(
+    diff, path = scaling_runs.max_param_diff(
         ref_params, scaling_runs.restore_params(other, scaling_runs.STEPS_PER_EPOCH))
-    assert diff <= 1e-5, (other, diff)
+    assert diff <= 1e-5, (other, path, diff)
 
 
 @pytest.mark.slow
