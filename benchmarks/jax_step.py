@@ -32,7 +32,7 @@ class State:
 
 def create_state(config, batch: dict):
   """(model, tx, schedule, state) with every loss term on from step 0 (config gates set)."""
-  model = aahr.build_model(config.model)
+  model = aahr.build_model(config.model, config.dtype)
   shapes = {k: (batch[k].shape, batch[k].dtype) for k in model_fields(batch)}
   clip_shape = ((batch['regions'].shape[0], config.model.clip_dim), jnp.float32)
   shapes.update({k: clip_shape for k in ('clip_image', 'clip_text')})

@@ -207,7 +207,7 @@ class MultiheadSelfAttention(nn.Module):
   num_heads: int
   dropout_rate: float = 0.1
   precision: Any = None
-  dtype: Any = jnp.float32  # matmul dtype; logits and softmax are float32
+  dtype: Any = None  # matmul dtype (None: the inputs'); logits and softmax at least float32
 
   @nn.compact
   def __call__(self, x: jax.Array, additive_mask: jax.Array | None, *,
@@ -215,22 +215,24 @@ class MultiheadSelfAttention(nn.Module):
     """x: [..., S, D]; additive_mask: broadcastable to [..., S_q, S_k] (added to every head)."""
     d_model = x.shape[-1]
     head_dim = d_model // self.num_heads
+    dtype = self.dtype if self.dtype is not None else x.dtype
+    softmax_dtype = jnp.promote_types(dtype, jnp.float32)  # float64 inputs stay float64
     qkv = nn.Dense(3 * d_model, kernel_init=nn.initializers.xavier_uniform(),
                    bias_init=nn.initializers.zeros_init(), precision=self.precision,
-                   dtype=self.dtype, name="in_proj")(x)
+                   dtype=dtype, name="in_proj")(x)
     split_heads = lambda t: t.reshape(*t.shape[:-1], self.num_heads, head_dim)
     query, key, value = (split_heads(t) for t in jnp.split(qkv, 3, axis=-1))
     logits = jnp.einsum("...qhd,...khd->...hqk", query / math.sqrt(head_dim), key,
-                        precision=self.precision).astype(jnp.float32)
+                        precision=self.precision).astype(softmax_dtype)
     if additive_mask is not None:
-      logits = logits + additive_mask[..., None, :, :].astype(jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+      logits = logits + additive_mask[..., None, :, :].astype(softmax_dtype)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
     probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
     out = jnp.einsum("...hqk,...khd->...qhd", probs, value, precision=self.precision)
     out = out.reshape(*out.shape[:-2], d_model)
     return nn.Dense(d_model, kernel_init=torch_linear_kernel_init,
                     bias_init=nn.initializers.zeros_init(), precision=self.precision,
-                    dtype=self.dtype, name="out_proj")(out)
+                    dtype=dtype, name="out_proj")(out)
 
 
 def key_padding_additive_mask(lengths: jax.Array, size: int, dtype=jnp.float32) -> jax.Array:
@@ -251,7 +253,7 @@ class TransformerEncoderLayer(nn.Module):
   dropout_rate: float = 0.1
   layer_norm_eps: float = 1e-5
   precision: Any = None
-  dtype: Any = jnp.float32
+  dtype: Any = None  # None: compute in the inputs' dtype
 
   @nn.compact
   def __call__(self, x: jax.Array, additive_mask: jax.Array | None = None, *,
@@ -281,7 +283,7 @@ class TransformerEncoder(nn.Module):
   ff_dim: int | None = None
   dropout_rate: float = 0.1
   precision: Any = None
-  dtype: Any = jnp.float32
+  dtype: Any = None
 
   def setup(self):
     self.layers = [TransformerEncoderLayer(self.num_heads, self.ff_dim, self.dropout_rate,
