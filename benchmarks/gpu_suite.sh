@@ -16,6 +16,8 @@ BUDGET=${BUDGET:-330}
 TINY=${TINY:-0}
 PY=${PYTHON:-python3}
 VARIANTS=${VARIANTS:-jax_cached,torch_eager,torch_compiled,jax_online}  # in order of importance
+SHARE256=${SHARE256:-75}          # percent of the budget for batch 256
+EXPECTED_SCALE=${EXPECTED_SCALE:-1}  # x train_step.EXPECTED_S: the time a variant needs to start
 mkdir -p "$OUT_DIR"
 START=$(date +%s)
 LOG="$OUT_DIR/suite.log"
@@ -34,7 +36,7 @@ fi
 if [ "$TINY" = 1 ]; then
   COMMON=(--config configs/coco.py --tiny --steps 2 --expected_scale 0)
 else
-  COMMON=(--config configs/coco.py --steps 10)
+  COMMON=(--config configs/coco.py --steps 10 --expected_scale "$EXPECTED_SCALE")
 fi
 
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
@@ -49,7 +51,7 @@ run_batch() {  # run_batch BATCH SECONDS [extra args]
   echo "== batch $batch exit $?" >>"$LOG"
 }
 
-run_batch 256 $(( $(left) * 75 / 100 )) --trace "$OUT_DIR/b256_jax_cached"
+run_batch 256 $(( $(left) * SHARE256 / 100 )) --trace "$OUT_DIR/b256_jax_cached"
 run_batch 128 $(( $(left) - 10 ))
 "$PY" -m benchmarks.suite_report "$OUT_DIR"/b256.json "$OUT_DIR"/b128.json \
   --markdown "$OUT_DIR/results.md" >>"$LOG" 2>&1
