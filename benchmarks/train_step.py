@@ -66,6 +66,11 @@ def _count_compiles(event: str, *args, **kwargs) -> None:
     _compiles[0] += 1
 
 
+def log(message: str) -> None:
+  """Progress on stderr with a timestamp: a run killed by its time limit shows where it was."""
+  print(f'[{time.strftime("%H:%M:%S")}] {message}', file=sys.stderr, flush=True)
+
+
 def load_config(spec: str):
   path, _, arg = spec.partition(':')
   module_spec = importlib.util.spec_from_file_location('bench_config', path)
@@ -141,9 +146,12 @@ def run_jax(variant: str, config, batch: dict, clip_arch: dict, steps: int, prec
                                                                            device_batch)
     else:
       fn, rest = jax_step.cached_step(model, tx, config, schedule), (device_batch,)
+    jax.block_until_ready(state)
+    log(f'{variant}: state ready; compiling the step')
     start = time.perf_counter()
     compiled = jax_step.compile_step(fn, state, *rest)
     compile_s = time.perf_counter() - start
+    log(f'{variant}: compiled in {compile_s:.0f} s')
   before = jax.eval_shape(lambda s: s, state)
   state, metrics = compiled(state, *rest)
   jax.block_until_ready(state)
@@ -201,6 +209,7 @@ def run_torch(variant: str, config, batch: dict, clip_arch: dict, steps: int, pr
   sizes = ref.sizes_from_config(config, clip_arch)
   model = ref.ReferenceStep(sizes, device, precision, compile=variant == 'torch_compiled')
   inputs = ref.torch_batch(batch, device)
+  log(f'{variant}: model ready; first step' + (' (compiles)' if 'compiled' in variant else ''))
   start = time.perf_counter()
   model.step(inputs)  # compiles under torch.compile
   sync()
@@ -242,7 +251,8 @@ def table(report: dict) -> str:
   rows = report['results']
   base = {r['variant']: r for r in rows if r.get('ms')}
   lines = [f"AAHR train step, {report['config']}, batch {report['batch_size']}, "
-           f"{report['regions']} regions x {report['tokens']} tokens, {report['precision']}, "
+           f"{report['regions']} regions x {report['tokens']} tokens, {report['precision']}"
+           f"{', BERT scanned' if report.get('bert_scan') else ''}, "
            f"{report['device']}; measured matmul peak {report['peak_tflops']:.3g} TFLOP/s",
            '| variant | ms/step | examples/s | model TFLOP/step | TFLOP/s | MFU | peak memory GiB '
            '| compile s | JAX cached speed-up | notes |',
@@ -286,6 +296,9 @@ def main(argv=None) -> dict:
   parser.add_argument('--trace', default='',
                       help='write a jax.profiler trace of 3 jax_cached steps and the optimised '
                            'HLO under this prefix (PREFIX.trace.json.gz, PREFIX.hlo.txt.gz)')
+  parser.add_argument('--bert_scan', action='store_true',
+                      help='config.model.bert_scan: one scanned BERT layer (much faster to '
+                           'compile; the GPU suite uses it to fit its time budget)')
   parser.add_argument('--parts', action='store_true',
                       help='also time the parts of the jax_cached step (benchmarks/jax_parts.py)')
   parser.add_argument('--json', default='')
@@ -299,6 +312,7 @@ def main(argv=None) -> dict:
   gpu = jax.devices()[0].platform == 'gpu'
   precision = args.precision or ('bf16' if gpu else 'fp32')
   config.dtype = 'bfloat16' if precision == 'bf16' else 'float32'
+  config.model.bert_scan = args.bert_scan
   clip_name = args.clip if args.clip != 'auto' else (
       'tiny' if args.tiny else 'vit_b_32' if config.model.clip_checkpoint else 'demo')
   clip_arch = dict(CLIP_ARCHS[clip_name], embed_dim=config.model.clip_dim)
@@ -311,7 +325,9 @@ def main(argv=None) -> dict:
             'clip': clip_name, 'device': device_name(), 'software': software(),
             'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
             'flops_parts': {'cached': train_flops, 'online': online_flops},
+            'bert_scan': args.bert_scan,
             'peak_tflops': matmul_peak(precision) / 1e12, 'results': []}
+  log(f"batch {batch_size}: measured matmul peak {report['peak_tflops']:.0f} TFLOP/s")
 
   def save():
     if args.json:
@@ -332,6 +348,7 @@ def main(argv=None) -> dict:
       report['results'].append(row)
       continue
     left = args.time_budget - (time.time() - start)
+    log(f'{variant}: start')
     if args.time_budget and left < EXPECTED_S[variant] * args.expected_scale:
       row['note'] = (f'skipped: {max(left, 0):.0f} s of the {args.time_budget:.0f} s budget '
                      'left, too little to compile and run it')
