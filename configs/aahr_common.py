@@ -46,6 +46,8 @@ def aahr_model(embed_size: int = 1024, bert: dict | None = None) -> ml_collectio
   m.region_hidden = embed_size // 2    # FC_MLP hidden width (512)
   m.bert = dict(bert or common.BERT_BASE)
   m.bert_init = ''                     # converted BERT; '' = random init
+  m.bert_remat = False                 # recompute BERT layers in the backward pass (memory)
+  m.bert_scan = False                  # scan one BERT layer over stacked parameters
   m.num_heads = 16                     # local Transformers (nhead)
   m.dropout = 0.1                      # local Transformers
   m.gglp_heads = 8                     # hard-coded MultiHeadAttention(1024, 8)
