@@ -195,14 +195,3 @@ def state_shardings(abstract_state, rules, mesh, fsdp_min_size: int = 0):
                      "with a catch-all ('.*', 'replicate')")
 
   return jax.tree_util.tree_map_with_path(one, abstract_state)
-
-
-def describe(shardings, abstract_state) -> str:
-  """One line per sharded (not replicated) array: for logs and debugging rule sets."""
-  lines = []
-  flat_sh = jax.tree_util.tree_flatten_with_path(shardings)[0]
-  flat_x = jax.tree.leaves(abstract_state)
-  for (path, sh), x in zip(flat_sh, flat_x):
-    if any(axis is not None for axis in sh.spec):
-      lines.append(f'{path_name(path)} {tuple(x.shape)} -> {sh.spec}')
-  return '\n'.join(lines) if lines else 'every array replicated'

@@ -136,7 +136,8 @@ def test_bert_remat_and_scan_match_the_unrolled_layers():
     out = module.apply({'params': p}, ids, attention_mask=mask)
     return (out.last_hidden_state ** 2).sum() + out.pooler_output.sum()
 
-  want, want_grad = jax.value_and_grad(loss, argnums=1)(plain, params)
+  loss_and_grad = jax.jit(jax.value_and_grad(loss, argnums=1), static_argnums=0)
+  want, want_grad = loss_and_grad(plain, params)
   stacked = bert_lib.stack_layers(params, config.num_hidden_layers)
   scanned_shapes = jax.eval_shape(bert_lib.BertModel(config, scan=True).init,
                                   jax.random.PRNGKey(0), ids)['params']
@@ -144,7 +145,7 @@ def test_bert_remat_and_scan_match_the_unrolled_layers():
   for remat, scan in ((True, False), (False, True), (True, True)):
     module = bert_lib.BertModel(config, remat=remat, scan=scan)
     p = stacked if scan else params
-    got, grad = jax.value_and_grad(loss, argnums=1)(module, p)
+    got, grad = loss_and_grad(module, p)
     np.testing.assert_allclose(got, want, rtol=1e-6)
     expected = bert_lib.stack_layers(want_grad, config.num_hidden_layers) if scan else want_grad
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), grad,
@@ -172,9 +173,10 @@ def test_bfloat16_compute_keeps_float32_params_and_embeddings(model_name):
   outputs = {}
   for dtype in ('float32', 'bfloat16'):
     model = aahr.build_model(config.model, dtype)
-    variables = model.init({'params': jax.random.PRNGKey(0)}, batch, train=False)
+    variables = jax.jit(lambda b, m=model: m.init({'params': jax.random.PRNGKey(0)}, b,
+                                                   train=False))(batch)
     assert {x.dtype for x in jax.tree.leaves(variables)} == {np.dtype(np.float32)}
-    out = model.apply(variables, batch, train=False)
+    out = jax.jit(lambda v, b, m=model: m.apply(v, b, train=False))(variables, batch)
     img, cap = (out['img_emb'], out['cap_emb']) if isinstance(out, dict) else out
     assert img.dtype == cap.dtype == np.float32
     outputs[dtype] = (np.asarray(img), np.asarray(cap))
