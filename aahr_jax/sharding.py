@@ -35,13 +35,13 @@ FSDP_ALL = (('.*', 'fsdp'),)
 # output and the MLP's second kernel by input row; everything else FSDP (a no-op without the
 # fsdp axis). GSPMD inserts the collectives.
 BERT_TENSOR_PARALLEL = (
-    ('.*bert/encoder/layer/[^/]+/attention/self/(query|key|value)/kernel', 'model:1|fsdp'),
-    ('.*bert/encoder/layer/[^/]+/attention/self/(query|key|value)/bias', 'model:0'),
-    ('.*bert/encoder/layer/[^/]+/intermediate/dense/kernel', 'model:1|fsdp'),
-    ('.*bert/encoder/layer/[^/]+/intermediate/dense/bias', 'model:0'),
-    ('.*bert/encoder/layer/[^/]+/(attention/)?output/dense/kernel', 'model:0|fsdp'),
+    ('.*bert/encoder/layer/[^/]+/attention/self/(query|key|value)/kernel', 'model:-1|fsdp'),
+    ('.*bert/encoder/layer/[^/]+/attention/self/(query|key|value)/bias', 'model:-1'),
+    ('.*bert/encoder/layer/[^/]+/intermediate/dense/kernel', 'model:-1|fsdp'),
+    ('.*bert/encoder/layer/[^/]+/intermediate/dense/bias', 'model:-1'),
+    ('.*bert/encoder/layer/[^/]+/(attention/)?output/dense/kernel', 'model:-2|fsdp'),
     ('.*', 'fsdp'),
-)
+)  # negative dimensions: the same rules fit the scanned layout ([L, ...] parameters)
 
 
 def create_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:

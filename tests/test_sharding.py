@@ -95,6 +95,23 @@ def test_losses_and_params_equal_on_1_8_and_data_x_fsdp(scaling_dir):
 
 
 @pytest.mark.slow
+def test_bert_tensor_parallel_on_data_x_model_matches(scaling_dir):
+  """BERT kernels split over a `model` axis (4 x 2 data x model): the same 5 steps."""
+  workdir = str(scaling_dir / 'tensor_parallel')
+  rules = repr(sharding.BERT_TENSOR_PARALLEL).replace(' ', '')
+  scaling_runs.run_main(workdir, str(scaling_dir / 'data'), devices=8,
+                        mesh="(('data',4),('model',2))", extra=['--config.sharding_rules=' + rules])
+  reference = str(scaling_dir / 'ref8')
+  scaling_runs.assert_losses_close(scaling_runs.logged_steps(reference),
+                                   scaling_runs.logged_steps(workdir),
+                                   range(1, scaling_runs.STEPS_PER_EPOCH + 1), what='4x2 TP')
+  diff, path = scaling_runs.max_param_diff(
+      scaling_runs.restore_params(reference, scaling_runs.STEPS_PER_EPOCH),
+      scaling_runs.restore_params(workdir, scaling_runs.STEPS_PER_EPOCH))
+  assert diff <= 1e-5, (path, diff)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize('devices', [1, 4])
 def test_checkpoint_from_8_devices_resumes_on_fewer(scaling_dir, devices):
   """Saved on 8 devices after step 5; restored into the 1- or 4-device shardings and continued,
