@@ -11,8 +11,8 @@ Variants:
   torch_compiled  the same under torch.compile
 
 Every loss term is on (relation module, SwAV, InfoNCE: the steady state after 8,000 steps).
-Timing: after compilation and a warm-up step, `--steps` steps dispatched back to back, then
-block_until_ready (JAX) / cuda.synchronize (PyTorch). JAX runs its ahead-of-time compiled
+Timing: after compilation and a warm-up step, the median over `--steps` steps, each ended by
+block_until_ready (JAX) / cuda.synchronize (PyTorch): robust to a shared, noisy machine. JAX runs its ahead-of-time compiled
 executable with the state donated, checks that the output state has the input's signature and
 counts backend compilations during the timed steps (must be 0). Model FLOPs per step come from
 benchmarks/step_flops.py (the formulas are written there); MFU = FLOPs / time / the measured
@@ -120,7 +120,16 @@ def matmul_peak(precision: str) -> float:
   for _ in range(reps):
     a @ b
   sync()
-  return 2 * n**3 * reps / (time.perf_counter() - start)
+  torch_peak = 2 * n**3 * reps / (time.perf_counter() - start)
+  if cuda:
+    return torch_peak
+  x = jax.numpy.ones((2 * n, 2 * n), jnp.float32)  # XLA's CPU matmul can beat torch's here
+  matmul = jax.jit(lambda a: a @ a)
+  jax.block_until_ready(matmul(x))
+  start = time.perf_counter()
+  for _ in range(reps):
+    jax.block_until_ready(matmul(x))
+  return max(torch_peak, 2 * (2 * n)**3 * reps / (time.perf_counter() - start))
 
 
 def jax_precision(precision: str):
@@ -157,11 +166,13 @@ def run_jax(variant: str, config, batch: dict, clip_arch: dict, steps: int, prec
   jax.block_until_ready(state)
   jax_step.check_same_avals(before, jax.eval_shape(lambda s: s, state))
   compiles = _compiles[0]
-  start = time.perf_counter()
+  times = []
   for _ in range(steps):
+    start = time.perf_counter()
     state, metrics = compiled(state, *rest)
-  jax.block_until_ready(state)
-  seconds = (time.perf_counter() - start) / steps
+    jax.block_until_ready(state)
+    times.append(time.perf_counter() - start)
+  seconds = float(np.median(times))
   recompiles = _compiles[0] - compiles
   loss = float(metrics['loss'])
   if trace:
@@ -218,11 +229,13 @@ def run_torch(variant: str, config, batch: dict, clip_arch: dict, steps: int, pr
   sync()
   if device == 'cuda':
     torch.cuda.reset_peak_memory_stats()
-  start = time.perf_counter()
+  times = []
   for _ in range(steps):
+    start = time.perf_counter()
     loss = model.step(inputs)
-  sync()
-  seconds = (time.perf_counter() - start) / steps
+    sync()
+    times.append(time.perf_counter() - start)
+  seconds = float(np.median(times))
   memory = torch.cuda.max_memory_allocated() if device == 'cuda' else None
   result = {'ms': 1e3 * seconds, 'compile_s': compile_s, 'memory_bytes': memory,
             'loss': float(loss)}
