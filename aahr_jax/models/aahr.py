@@ -45,9 +45,8 @@ class GPOImageTower(nn.Module):
     fc = layers.TorchDense(self.embed_size, xavier=True, dtype=self.dtype, name='fc')(regions)
     mlp = encoders.MLP(self.hidden, self.embed_size, xavier=False, dtype=self.dtype,
                        name='mlp')(regions, bn_rows, train=train)
-    features = fc + mlp
-    pooled = pooling.GPO(name='gpool')(features, region_len)
-    return layers.l2_normalize(pooled.astype(jnp.float32))
+    features = (fc + mlp).astype(jnp.float32)  # GPO's sort and weighted sum in float32
+    return layers.l2_normalize(pooling.GPO(name='gpool')(features, region_len))
 
 
 class GPOTextTower(nn.Module):
@@ -65,8 +64,7 @@ class GPOTextTower(nn.Module):
         bert_ids, attention_mask=(bert_ids != 0).astype(jnp.int32),
         deterministic=not train).last_hidden_state
     words = layers.TorchDense(self.embed_size, dtype=self.dtype, name='linear')(hidden)
-    pooled = pooling.GPO(name='gpool')(words, bert_len)
-    return layers.l2_normalize(pooled.astype(jnp.float32))
+    return layers.l2_normalize(pooling.GPO(name='gpool')(words.astype(jnp.float32), bert_len))
 
 
 class VSEInfinity(nn.Module):
