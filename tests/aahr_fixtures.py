@@ -1,4 +1,6 @@
-"""Access to the PyTorch-produced AAHR loss fixtures (/work/shared/fixtures/aahr_losses)."""
+"""Access to the PyTorch-produced AAHR loss fixtures (tests/fixtures/aahr_losses: a copy of the
+team's shared fixtures, produced by running the original PyTorch code; README.md there describes
+every array)."""
 
 import functools
 import os
@@ -12,8 +14,7 @@ from aahr_jax.models import relations
 
 FIXTURE_PATH = os.environ.get(
     "AAHR_LOSS_FIXTURES",
-    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "aahr_losses",
-                 "aahr_losses.npz"))
+    os.path.join(os.path.dirname(__file__), "fixtures", "aahr_losses", "aahr_losses.npz"))
 
 TRIPLET_TERMS = ("base", "gnn1", "gnn2", "gnn3")
 
@@ -23,10 +24,6 @@ def load() -> dict[str, np.ndarray]:
   """All fixture arrays, keyed as in the npz."""
   with np.load(FIXTURE_PATH) as data:
     return {key: data[key] for key in data.files}
-
-
-def available() -> bool:
-  return os.path.exists(FIXTURE_PATH)
 
 
 def criterion_state_dict(topk10: bool = False) -> dict[str, np.ndarray]:

@@ -14,7 +14,6 @@ import aahr_fixtures as fx
 from aahr_jax import losses as L
 from aahr_jax.models import relations as R
 
-pytestmark = pytest.mark.skipif(not fx.available(), reason="AAHR loss fixtures not found")
 
 VALUE_TOL = 1e-5
 GRAD_RTOL = 1e-4
