@@ -158,5 +158,5 @@ def test_retriever_input_errors(files):
     retriever.embed_images(batch['regions'][:, :, :5], batch['region_len'], batch['clip_image'])
   with pytest.raises(ValueError, match='lengths must lie in'):
     retriever.embed_captions(batch['bert_ids'], batch['bert_len'] + 10, batch['clip_text'])
-  with pytest.raises(ValueError, match='not a converted checkpoint'):
+  with pytest.raises(ValueError, match='neither a converted checkpoint'):
     inference.Retriever.from_checkpoint(files['tmp'])
