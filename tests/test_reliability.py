@@ -125,7 +125,8 @@ def test_kill_9_then_resume_is_exact(uninterrupted, tmp_path):
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 'Resumed from' in resumed.stdout
   resumed_from = int(resumed.stdout.split('at step ')[1].split('.')[0])
-  assert 5 <= resumed_from <= kill_at
+  # The kill lands a step or two after the poll saw `kill_at`, possibly after another checkpoint.
+  assert 5 <= resumed_from < TOTAL_STEPS
   compare_with_uninterrupted(tmp_path, uninterrupted, resumed_from)
 
 
