@@ -82,9 +82,16 @@ def test_ensemble_of_a_checkpoint_with_itself_reproduces_it(trained):
   workdir, results = trained
   steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit())
   last = str(steps[-1])
-  ensemble = eval_modes.run_eval(search_config(), workdir, [last, workdir], [])
-  assert ensemble['all']['rsum'] == pytest.approx(results['all']['rsum'], abs=1.0)
+  del results  # those are of the model selected on dev, which need not be the last step
+  single = eval_modes.run_eval(search_config(), workdir, [last], [])
+  ensemble = eval_modes.run_eval(search_config(), workdir, [last, last], [])
+  assert ensemble['all']['rsum'] == pytest.approx(single['all']['rsum'], abs=1.0)
   saved = json.loads(open(os.path.join(workdir, 'eval', 'test.json'), encoding='utf-8').read())
   assert saved['ensemble'] == [f'{workdir} step {last}'] * 2
+  # A workdir as a member means its selected (best) checkpoint, as `--mode eval` does.
+  best = json.loads(open(os.path.join(workdir, 'best.json'), encoding='utf-8').read())
+  by_workdir = eval_modes.run_eval(search_config(), workdir, [workdir, str(best['step'])], [])
+  alone = eval_modes.run_eval(search_config(), workdir, [str(best['step'])], [])
+  assert by_workdir['all']['rsum'] == pytest.approx(alone['all']['rsum'], abs=1.0)
   two = eval_modes.run_eval(search_config(), workdir, [str(steps[0]), last], [])
   assert two['all']['rsum'] > 0
