@@ -61,29 +61,27 @@ def encode_split(model, variables, split: loader.SplitSource, *, mesh, batch_siz
   """
   embed_images, embed_captions = make_embed_fns(model, mesh)
   rows = sharding.process_rows(mesh, batch_size)
-  images, captions = [], []
   n_batches = -(-split.num_images // batch_size) + -(-split.num_captions // batch_size)
   done = 0
   start = time.time()
-  for batch in loader.eval_image_batches(split, batch_size):
-    valid = batch['valid']
-    emb = embed_images(variables, sharding.global_batch(
-        _keep(batch, ('regions', 'region_len', 'valid', 'clip_image'), rows), mesh))
-    images.append(np.asarray(emb)[valid])
-    done += 1
-    if progress and done % 10 == 0:
-      print(f'  encode: {done}/{n_batches} batches ({time.time() - start:.0f}s)',
-            file=sys.stderr, flush=True)
-  for batch in loader.eval_caption_batches(split, batch_size, text):
-    valid = batch['valid']
-    emb = embed_captions(variables, sharding.global_batch(
-        _keep(batch, ('bert_ids', 'bert_len', 'valid', 'clip_text'), rows), mesh))
-    captions.append(np.asarray(emb)[valid])
-    done += 1
-    if progress and done % 10 == 0:
-      print(f'  encode: {done}/{n_batches} batches ({time.time() - start:.0f}s)',
-            file=sys.stderr, flush=True)
-  return np.concatenate(images), np.concatenate(captions)
+
+  def encode(batches, embed, keys) -> np.ndarray:
+    nonlocal done
+    out = []
+    for batch in batches:
+      emb = embed(variables, sharding.global_batch(_keep(batch, keys, rows), mesh))
+      out.append(np.asarray(emb)[batch['valid']])
+      done += 1
+      if progress and done % 10 == 0:
+        print(f'  encode: {done}/{n_batches} batches ({time.time() - start:.0f}s)',
+              file=sys.stderr, flush=True)
+    return np.concatenate(out)
+
+  images = encode(loader.eval_image_batches(split, batch_size), embed_images,
+                  ('regions', 'region_len', 'valid', 'clip_image'))
+  captions = encode(loader.eval_caption_batches(split, batch_size, text), embed_captions,
+                    ('bert_ids', 'bert_len', 'valid', 'clip_text'))
+  return images, captions
 
 
 def similarities(image_embs: np.ndarray, caption_embs: np.ndarray) -> np.ndarray:

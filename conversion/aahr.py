@@ -26,22 +26,11 @@ GGLP_PATTERN = r'mha_pool\.query\.(\d+)\.weight'
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument('--src', required=True, help="the original run's model_best.pth")
-  parser.add_argument('--out', required=True, help='output directory (model.json + weights)')
-  parser.add_argument('--bert_config',
-                      help='HF config.json of the BERT inside (default: bert-base-uncased)')
+  vse_checkpoint.add_arguments(parser, "the original run's model_best.pth")
 
 
 def run(args: argparse.Namespace) -> int:
-  from aahr_jax import inference
-  checkpoint = vse_checkpoint.read(args.src)
-  model_config, variables, inputs = convert(checkpoint, args.bert_config)
-  inference.write_converted_dir(args.out, model_config, variables, inputs,
-                                source=str(checkpoint.path), original=checkpoint.info)
-  print(f'wrote {args.out}: AAHR, embed {model_config["embed_size"]}, BERT '
-        f'{model_config["bert"]["num_hidden_layers"]} layers / hidden '
-        f'{model_config["bert"]["hidden_size"]}, {checkpoint.info}')
-  return 0
+  return vse_checkpoint.run_import(args, convert, 'AAHR')
 
 
 def identify(checkpoint: vse_checkpoint.OriginalCheckpoint) -> None:

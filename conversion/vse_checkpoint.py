@@ -68,6 +68,27 @@ def from_state_dicts(image_sd: dict, text_sd: dict, opt: dict | None = None,
                             pathlib.Path(name))
 
 
+def add_arguments(parser: argparse.ArgumentParser, src_help: str) -> None:
+  """The command line shared by the `aahr` and `vse_infty` importers."""
+  parser.add_argument('--src', required=True, help=src_help)
+  parser.add_argument('--out', required=True, help='output directory (model.json + weights)')
+  parser.add_argument('--bert_config',
+                      help='HF config.json of the BERT inside (default: bert-base-uncased)')
+
+
+def run_import(args: argparse.Namespace, convert, method: str) -> int:
+  """Reads args.src, converts it with `convert(checkpoint, bert_config)`, writes args.out."""
+  from aahr_jax import inference  # pylint: disable=import-outside-toplevel
+  checkpoint = read(args.src)
+  model_config, variables, inputs = convert(checkpoint, args.bert_config)
+  inference.write_converted_dir(args.out, model_config, variables, inputs,
+                                source=str(checkpoint.path), original=checkpoint.info)
+  print(f'wrote {args.out}: {method}, embed {model_config["embed_size"]}, BERT '
+        f'{model_config["bert"]["num_hidden_layers"]} layers / hidden '
+        f'{model_config["bert"]["hidden_size"]}, {checkpoint.info}')
+  return 0
+
+
 def _torch_load(path: pathlib.Path):
   import pickle
   import torch

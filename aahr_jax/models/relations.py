@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from aahr_jax import losses
+from aahr_jax.models import layers
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -158,17 +159,9 @@ def fine_grained_relevance(regions: jax.Array, words: jax.Array, word_lengths: j
 # Layers: GCN and the post-norm Transformer encoder layer with an additive float mask
 # ----------------------------------------------------------------------------------------------
 
-def torch_linear_bias_init(fan_in: int):
-  """PyTorch's default Linear bias init U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-  bound = 1.0 / math.sqrt(fan_in)
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return init
-
-
-torch_linear_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# PyTorch's default Linear initialisation (shared with the encoders).
+torch_linear_bias_init = layers.torch_bias_init
+torch_linear_kernel_init = layers.torch_kernel_init
 
 
 class GraphConvolution(nn.Module):
