@@ -5,6 +5,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import traverse_util
 
@@ -37,6 +38,58 @@ def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
     norm = optax.global_norm(updates)
     scale = jnp.where(norm > max_norm, max_norm / (norm + 1e-6), 1.0)
     return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+# Parameters (or parts of one) whose gradient is zero in exact arithmetic, because the next
+# operation removes any constant shift they add:
+#   <P>/layers_0/bias next to <P>/bns_0: a Linear followed by training-mode BatchNorm, which
+#     subtracts each feature's batch mean;
+#   .../attention/self/key/bias (BERT) and the key third of .../self_attn/in_proj/bias
+#     (torch MultiheadAttention's [q; k; v]): q . (k_j + b) shifts a query's logits over all keys
+#     by the same amount, and the softmax over keys ignores it.
+# Their computed gradient is rounding noise (~1e-9) whose sign depends on the summation order;
+# Adam divides it by its own running RMS and turns it into learning-rate-sized random steps that
+# differ between any two device layouts (and between PyTorch and XLA). Zeroing it keeps the
+# trained function identical in exact arithmetic and makes runs agree across meshes.
+KEY_BIAS = re.compile(r'(.*/)?attention/self/key/bias')
+IN_PROJ_BIAS = re.compile(r'(.*/)?self_attn/in_proj/bias')
+LINEAR_BIAS = re.compile(r'(?P<parent>(.*/)?)layers_0/bias')
+
+
+def shift_invariant_masks(params) -> dict[str, np.ndarray]:
+  """{'/'-joined path: float32 mask (0 where the gradient is identically zero)} for the
+  parameters described above; `params` may hold arrays or shape structs."""
+  flat = traverse_util.flatten_dict(params, sep='/')
+  masks = {}
+  for path, leaf in flat.items():
+    shape = tuple(leaf.shape)
+    if KEY_BIAS.fullmatch(path):
+      masks[path] = np.zeros(shape, np.float32)
+    elif IN_PROJ_BIAS.fullmatch(path):
+      third = shape[-1] // 3
+      keep = np.ones(shape, np.float32)
+      keep[..., third:2 * third] = 0.0
+      masks[path] = keep
+    else:
+      match = LINEAR_BIAS.fullmatch(path)
+      if match and any(p.startswith(match['parent'] + 'bns_0/') for p in flat):
+        masks[path] = np.zeros(shape, np.float32)
+  return masks
+
+
+def zero_shift_invariant_gradients(params) -> optax.GradientTransformation:
+  """Multiplies the gradients of `shift_invariant_masks(params)` by their masks (before
+  clipping, so the global norm ignores the noise too). Weight decay still applies to them."""
+  masks = shift_invariant_masks(params)
+
+  def update(updates, state, params=None):
+    del params
+    flat = traverse_util.flatten_dict(updates, sep='/')
+    for path, keep in masks.items():
+      flat[path] = flat[path] * jnp.asarray(keep, flat[path].dtype)
+    return traverse_util.unflatten_dict(flat, sep='/'), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
@@ -81,7 +134,8 @@ def torch_adamw(schedule, mult: float, weight_decay: float, step_offset: int = 0
 
 def make_optimizer(optim_config, params, steps_per_epoch: int,
                    late_groups: tuple[tuple[str, int], ...] = ()):
-  """AdamW with per-group learning-rate multipliers; frozen groups never change.
+  """AdamW with per-group learning-rate multipliers; frozen groups never change; gradients that
+  are zero in exact arithmetic are zeroed (`zero_shift_invariant_grads`, default on).
 
   `late_groups`: (regex, first_step) pairs of parameters whose loss starts late; each gets its own
   Adam state that starts at first_step (see `start_at`). Returns (optimizer, schedule) where
@@ -110,4 +164,6 @@ def make_optimizer(optim_config, params, steps_per_epoch: int,
   transforms = {k: v for k, v in transforms.items() if k in used}
   tx = optax.chain(clip_by_global_norm_torch(optim_config.grad_clip),
                    optax.multi_transform(transforms, labels))
+  if optim_config.get('zero_shift_invariant_grads', True):
+    tx = optax.chain(zero_shift_invariant_gradients(params), tx)
   return tx, schedule

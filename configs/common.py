@@ -91,6 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.lr_mults = (('txt/bert/.*', 0.1),)
   # Leaves the originals never update (no gradient -> torch AdamW skips them, no weight decay).
   c.optim.frozen = ('.*/bns_1/.*', 'txt/bert/pooler/.*')
+  # Zero the rounding-noise gradients of biases that BatchNorm / the attention softmax cancel
+  # (aahr_jax/optim.py shift_invariant_masks): same function, layout-independent runs.
+  c.optim.zero_shift_invariant_grads = True
 
   c.batch_size = 128
   c.num_epochs = 25

@@ -59,4 +59,5 @@ def test_two_processes_match_one_process_on_8_devices(scaling_dir):
   ref_params = scaling_runs.restore_params(str(scaling_dir / 'ref8'),
                                            scaling_runs.STEPS_PER_EPOCH)
   diff, path = scaling_runs.max_param_diff(ref_params, params)
+  print(f"largest parameter difference {diff:.2e} ({path})")
   assert diff <= 1e-5, (path, diff)

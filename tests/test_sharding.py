@@ -91,6 +91,7 @@ def test_losses_and_params_equal_on_1_8_and_data_x_fsdp(scaling_dir):
   for other in (one, fsdp):
     diff, path = scaling_runs.max_param_diff(
         ref_params, scaling_runs.restore_params(other, scaling_runs.STEPS_PER_EPOCH))
+    print(f"{other}: largest parameter difference {diff:.2e} ({path})")
     assert diff <= 1e-5, (other, path, diff)
 
 
@@ -108,6 +109,7 @@ def test_bert_tensor_parallel_on_data_x_model_matches(scaling_dir):
   diff, path = scaling_runs.max_param_diff(
       scaling_runs.restore_params(reference, scaling_runs.STEPS_PER_EPOCH),
       scaling_runs.restore_params(workdir, scaling_runs.STEPS_PER_EPOCH))
+  print(f"largest parameter difference {diff:.2e} ({path})")
   assert diff <= 1e-5, (path, diff)
 
 
