@@ -196,6 +196,34 @@ def render(objects: list[dict], path: str) -> None:
   img.save(path, quality=90)
 
 
+def split_rng(seed: int, split_no: int) -> np.random.Generator:
+  """The generator of the split at position `split_no` of the splits dict (train, dev, test)."""
+  return np.random.default_rng([seed, split_no])
+
+
+def draw_split(world: 'FeatureWorld', rng: np.random.Generator, n_images: int):
+  """Yields (objects, regions [36, dim], five captions) per image: a split's one sequence of draws."""
+  for _ in range(n_images):
+    objects = _sample_scene(rng)
+    regions = world.regions(objects, rng)
+    yield objects, regions, make_captions(objects, rng)
+
+
+def scenes(split: str, *, seed: int = 0, splits: dict[str, int] | None = None,
+           region_dim: int = 128) -> tuple[list[list[dict]], list[str]]:
+  """(objects per image, captions) of `split` exactly as `generate` made them (same arguments),
+  replayed without writing anything: the ground truth for analyses of a generated dataset."""
+  splits = dict(DEFAULT_SPLITS if splits is None else splits)
+  if split not in splits:
+    raise ValueError(f'split {split!r} is not one of {list(splits)}')
+  rng = split_rng(seed, list(splits).index(split))
+  objects, captions = [], []
+  for scene, _, image_captions in draw_split(FeatureWorld(region_dim), rng, splits[split]):
+    objects.append(scene)
+    captions.extend(image_captions)
+  return objects, captions
+
+
 def generate(out_dir: str, *, seed: int = 0, splits: dict[str, int] | None = None,
              region_dim: int = 128, render_images: bool = True, progress: bool = True) -> None:
   """Writes the synthetic world in the SCAN precomp layout under `out_dir`.
@@ -211,14 +239,13 @@ def generate(out_dir: str, *, seed: int = 0, splits: dict[str, int] | None = Non
   id_mapping = {}
   next_id = 0
   for split_no, (split, n_images) in enumerate(splits.items()):
-    rng = np.random.default_rng([seed, split_no])
+    rng = split_rng(seed, split_no)
     per_caption = split == 'dev'
     feats = np.zeros((n_images, REGIONS, region_dim), np.float32)
     captions, ids = [], []
-    for i in range(n_images):
-      objects = _sample_scene(rng)
-      feats[i] = world.regions(objects, rng)
-      captions.extend(make_captions(objects, rng))
+    for i, (objects, regions, image_captions) in enumerate(draw_split(world, rng, n_images)):
+      feats[i] = regions
+      captions.extend(image_captions)
       image_id = next_id
       next_id += 1
       ids.append(image_id)
