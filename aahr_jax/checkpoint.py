@@ -41,6 +41,22 @@ def restore(mngr: ocp.CheckpointManager, step: int, target_state):
   return serialization.from_state_dict(target_state, restored['state']), restored['meta']
 
 
+def restore_on_one_device(mngr: ocp.CheckpointManager, step: int) -> dict:
+  """The saved state tree as written (no model or optimizer needed to describe it), every array
+  on this process's first device, whatever mesh or number of hosts wrote it."""
+  path = os.path.join(str(mngr.directory), str(step), 'state')
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    saved = checkpointer.metadata(path)
+    saved = getattr(saved, 'item_metadata', saved)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          saved)
+    return checkpointer.restore(path, target)
+  finally:
+    checkpointer.close()
+
+
 def resolve_step(mngr: ocp.CheckpointManager, which: str | int | None) -> int:
   """'latest'/None -> the latest complete step; an int -> that step (it must exist)."""
   steps = mngr.all_steps()

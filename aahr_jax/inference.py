@@ -123,25 +123,31 @@ def load_workdir(path, step: str | int | None = None) -> tuple[ml_collections.Co
                                                                dict, int]:
   """(model config, variables, inputs, step) of a trained workdir: `step` names a checkpoint
   step, 'latest' or 'best'; None = the best (best.json) if recorded, else the latest."""
-  import orbax.checkpoint as ocp
   from aahr_jax import checkpoint
   from aahr_jax import evaluate
   config = load_workdir_config(path)
   mngr = checkpoint.manager(str(path), config.get('keep_checkpoints', 3))
-  if not mngr.all_steps():
+  best_mngr = checkpoint.manager(str(path), 1, checkpoint.BEST_DIR)
+  if not mngr.all_steps() and not best_mngr.all_steps():
     raise FileNotFoundError(f'{path}: no checkpoint under {mngr.directory}; train first')
   which = evaluate.default_checkpoint(str(path), None if step is None else str(step))
+  if which is not None and str(which).isdigit() and best_mngr.latest_step() == int(which):
+    mngr = best_mngr  # the selected model is kept in best/ even after checkpoints/ moved on
   resolved = checkpoint.resolve_step(mngr, which)
-  # No target: the saved tree as written (no optimizer or model needed to restore it).
-  restored = mngr.restore(resolved, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  state = restored['state']
+  state = checkpoint.restore_on_one_device(mngr, resolved)
   params = {k: v for k, v in state['params'].items() if k in ENCODER_PARAMS}
   variables = jax.tree.map(np.asarray, {'params': params,
                                         'batch_stats': state.get('batch_stats') or {}})
+  clip_checkpoint = config.model.get('clip_checkpoint', '') or None
+  if clip_checkpoint is None and config.model.name in CLIP_MODELS and (
+      config.data.name == 'synthetic'):
+    # The demo trained on the features of its seeded random CLIP: the same one embeds queries.
+    from input_pipeline import clip_features, datasets  # pylint: disable=import-outside-toplevel
+    clip_checkpoint = clip_features.checkpoint_path(config, datasets.data_dir(config, str(path)))
   inputs = {'region_dim': config.data.region_dim, 'max_len': config.data.max_len,
             'clip_dim': config.model.get('clip_dim', 512),
             'vocab_path': config.data.get('vocab_path', '') or None,
-            'clip_checkpoint': config.model.get('clip_checkpoint', '') or None}
+            'clip_checkpoint': clip_checkpoint}
   return config.model, variables, inputs, resolved
 
 

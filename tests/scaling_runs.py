@@ -114,16 +114,10 @@ def restore_params(workdir: str, step: int) -> dict:
   """The checkpoint's params as host numpy (restored onto this process's first device, whatever
   mesh wrote them)."""
   import jax  # pylint: disable=import-outside-toplevel
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  path = os.path.join(workdir, 'checkpoints', str(step), 'state')
-  checkpointer = ocp.StandardCheckpointer()
-  metadata = checkpointer.metadata(path)
-  tree = getattr(metadata, 'item_metadata', metadata)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          tree)
-  state = checkpointer.restore(path, abstract)
-  checkpointer.close()
+  from aahr_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  mngr = checkpoint.manager(workdir, keep=5)
+  state = checkpoint.restore_on_one_device(mngr, step)
+  mngr.close()
   return jax.tree.map(np.asarray, state['params'])
 
 

@@ -131,6 +131,21 @@ def test_checkpoint_from_8_devices_resumes_on_fewer(scaling_dir, devices):
   assert os.path.isfile(os.path.join(workdir, 'eval', 'test.json'))
 
 
+@pytest.mark.slow
+def test_search_over_an_aahr_demo_workdir(scaling_dir):
+  """AAHR needs CLIP text features for free-text queries: the demo's seeded CLIP provides them."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  workdir = str(scaling_dir / 'ref8')
+  result = subprocess.run([sys.executable, 'main.py', '--workdir', workdir, '--mode', 'search',
+                           '--query', 'a red circle left of a blue square', '--top_k', '3'],
+                          cwd=scaling_runs.ROOT, env=scaling_runs.env(1), capture_output=True,
+                          text=True, timeout=scaling_runs.RUN_TIMEOUT, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  ranked = [line for line in result.stdout.splitlines() if line.strip()[:3] in ('1. ', '2. ', '3. ')]
+  assert len(ranked) == 3, result.stdout
+
+
 # ----------------------------------------------------------------------------------------------
 # Memory and precision options (in this process, one device)
 # ----------------------------------------------------------------------------------------------
