@@ -1,7 +1,7 @@
 """Demo on the embedded synthetic world: a few minutes on a 2-core CPU.
 
-  python main.py --config configs/demo.py --workdir runs/demo              # VSE-infinity (GPO)
-  python main.py --config configs/demo.py:model=aahr --workdir runs/demo_aahr   # full AAHR (3 epochs)
+  python main.py --config configs/demo.py --workdir runs/demo                  # AAHR (3 epochs)
+  python main.py --config configs/demo.py:model=gpo --workdir runs/demo_gpo    # VSE-infinity (GPO)
 
 The dataset is generated (seeded) into <workdir>/data on first use unless data.manual_dir is
 set, then built with the same tfds builder as Flickr30K/COCO. The models are small: a 2-layer
@@ -21,7 +21,7 @@ def _small_bert(width: int) -> dict:
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, model='gpo', epochs=0, batch_size=64, train_images=8000,
+  arg = common.parse_arg(arg, model='aahr', epochs=0, batch_size=64, train_images=8000,
                          region_dim=64, embed_size=128, bert_width=64, warmup_epochs=2)
   if not arg.epochs:  # AAHR learns faster per step but each step costs about twice as much
     arg.epochs = 3 if arg.model == 'aahr' else 5

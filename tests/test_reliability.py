@@ -18,7 +18,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS = 30  # 2 epochs of 15 steps
-TINY = ['--config', 'configs/demo.py:epochs=2,train_images=48,batch_size=16,region_dim=16,'
+TINY = ['--config', 'configs/demo.py:model=gpo,epochs=2,train_images=48,batch_size=16,region_dim=16,'
         'embed_size=32,bert_width=32',
         '--config.data.synthetic.dev=4', '--config.data.synthetic.test=10',
         '--config.log_every_steps=1', '--config.checkpoint_every_steps=5',

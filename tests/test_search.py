@@ -24,7 +24,8 @@ MIN_TOP5_HIT_RATE = 0.40
 
 
 def search_config():
-  c = demo.get_config('epochs=8,train_images=800,batch_size=32,embed_size=64,bert_width=64')
+  c = demo.get_config('model=gpo,epochs=8,train_images=800,batch_size=32,embed_size=64,'
+                      'bert_width=64')
   c.data.synthetic.dev = 20
   c.data.synthetic.test = TEST_IMAGES
   c.data.region_dim = 32
