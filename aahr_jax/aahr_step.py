@@ -168,7 +168,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, params)
-    new_params = jax.tree.map(lambda p, u: jnp.where(finite, p + u, p), params, updates)
+    # Skipped: the parameters as they were (the prototypes' renormalisation of unit rows is a
+    # no-op up to rounding, so keeping them unrenormalised keeps a skipped step bit-exact).
+    new_params = jax.tree.map(lambda p, u, old: jnp.where(finite, p + u, old), params, updates,
+                              state.params)
     opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), opt_state,
                              state.opt_state)
     batch_stats = jax.tree.map(lambda new, old: jnp.where(finite, new, old), batch_stats,
@@ -178,8 +181,13 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
                                              key_img)
     queue_cap, _ = losses.enqueue_keys(state.extra['queue_cap'], state.extra['queue_ptr'],
                                        key_cap)
-    extra = {'momentum': momentum, 'queue_img': queue_img, 'queue_cap': queue_cap,
-             'queue_ptr': pointer}
+    # Q25: a skipped step still moves the EMA and enqueues, as in the original, unless the keys
+    # themselves are not finite (a corrupt batch): those would poison the queues for M / B steps.
+    keys_finite = jnp.all(jnp.isfinite(key_img)) & jnp.all(jnp.isfinite(key_cap))
+    keep = lambda new, old: jnp.where(keys_finite, new, old)
+    extra = {'momentum': momentum, 'queue_img': keep(queue_img, state.extra['queue_img']),
+             'queue_cap': keep(queue_cap, state.extra['queue_cap']),
+             'queue_ptr': keep(pointer, state.extra['queue_ptr'])}
     metrics: dict[str, Any] = {'loss': total, 'grad_norm': grad_norm, 'lr': schedule(it),
                                'skipped': (~finite).astype(jnp.int32)}
     metrics.update({f'loss_{k}': v for k, v in terms.items()})

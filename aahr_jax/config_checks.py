@@ -3,9 +3,13 @@
 import jax
 
 
+def _is_positive_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def _positive_int(config, path: str, problems: list[str]) -> None:
   value = _get(config, path)
-  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+  if not _is_positive_int(value):
     problems.append(f'config.{path} = {value!r}: expected a positive integer')
 
 
@@ -39,7 +43,7 @@ def problems_of(config) -> list[str]:
                     '(non-negative integers)')
   if config.dtype not in ('float32', 'bfloat16'):
     problems.append(f"config.dtype = {config.dtype!r}: expected 'float32' or 'bfloat16'")
-  if isinstance(config.batch_size, int) and config.batch_size % jax.device_count():
+  if _is_positive_int(config.batch_size) and config.batch_size % jax.device_count():
     problems.append(f'config.batch_size = {config.batch_size} is not divisible by the '
                     f'{jax.device_count()} devices (the global batch is split evenly)')
   bert = config.model.bert
@@ -53,7 +57,7 @@ def problems_of(config) -> list[str]:
     if config.model.embed_size % config.model.num_heads:
       problems.append(f'config.model.embed_size = {config.model.embed_size} is not divisible by '
                       f'config.model.num_heads = {config.model.num_heads}')
-    if config.moco.queue_length % config.batch_size:
+    if _is_positive_int(config.batch_size) and config.moco.queue_length % config.batch_size:
       problems.append(f'config.moco.queue_length = {config.moco.queue_length} must be a '
                       f'multiple of config.batch_size = {config.batch_size}')
     if not 0 < config.moco.momentum < 1:

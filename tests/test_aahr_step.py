@@ -122,6 +122,14 @@ def test_non_finite_batch_skips_the_update(setup):
   batch['clip_text'][0, 0] = np.nan
   new_state, metrics = step(state, batch)
   assert int(metrics['skipped']) == 1
-  for a, b in zip(jax.tree.leaves(state.params['img']), jax.tree.leaves(new_state.params['img'])):
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(new_state.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert int(new_state.step) == int(state.step) + 1  # counters move on (quirk Q25)
+  # The NaN reaches the momentum keys too: they must not enter the queues (else every later
+  # InfoNCE term is NaN until the ring buffer comes round); the EMA still moves (Q25).
+  assert int(new_state.extra['queue_ptr']) == int(state.extra['queue_ptr'])
+  np.testing.assert_array_equal(np.asarray(new_state.extra['queue_cap']),
+                                np.asarray(state.extra['queue_cap']))
+  later, metrics = step(new_state, random_batch(config, 21))
+  assert int(metrics['skipped']) == 0 and np.isfinite(float(metrics['loss_moco']))
+  assert int(later.extra['queue_ptr']) != int(new_state.extra['queue_ptr'])

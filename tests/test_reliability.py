@@ -18,7 +18,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS = 30  # 2 epochs of 15 steps
-TINY = ['--config', 'configs/demo.py:model=gpo,epochs=2,train_images=48,batch_size=16,region_dim=16,'
+TINY = ['--config', 'configs/demo.py:epochs=2,train_images=48,batch_size=16,region_dim=16,'
         'embed_size=32,bert_width=32',
         '--config.data.synthetic.dev=4', '--config.data.synthetic.test=10',
         '--config.log_every_steps=1', '--config.checkpoint_every_steps=5',
@@ -119,7 +119,9 @@ def compare_with_uninterrupted(workdir, reference, resumed_from: int):
 @pytest.mark.slow
 def test_kill_9_then_resume_is_exact(uninterrupted, tmp_path):
   kill_at = random.Random(os.getpid()).randint(7, 24)  # after the first checkpoint (step 5)
-  code, _ = start_and_interrupt(tmp_path, signal.SIGKILL, lambda w: logged_step(w) >= kill_at)
+  first = tmp_path / 'checkpoints' / '5'  # committed (renamed from its temporary folder)
+  code, _ = start_and_interrupt(tmp_path, signal.SIGKILL,
+                                lambda w: logged_step(w) >= kill_at and first.is_dir())
   assert code == -signal.SIGKILL
   resumed = run(tmp_path)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
