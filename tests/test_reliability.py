@@ -31,8 +31,17 @@ def env():
   return dict(os.environ, HF_HUB_OFFLINE='1', JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
 
 
+SHARED_DATA_DIR = []  # the tfds dataset and CLIP cache, built by the module's first run
+
+
+@pytest.fixture(scope='module', autouse=True)
+def shared_data_dir(tmp_path_factory):
+  SHARED_DATA_DIR[:] = [str(tmp_path_factory.mktemp('data'))]
+
+
 def command(workdir, *extra):
-  return [sys.executable, 'main.py', *TINY, '--workdir', str(workdir), *extra]
+  return [sys.executable, 'main.py', *TINY, f'--config.data.data_dir={SHARED_DATA_DIR[0]}',
+          '--workdir', str(workdir), *extra]
 
 
 def run(workdir, *extra):
