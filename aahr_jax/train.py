@@ -10,9 +10,7 @@ import shutil
 import signal
 import sys
 import time
-from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -29,50 +27,13 @@ from aahr_jax import losses
 from aahr_jax import multihost
 from aahr_jax import optim
 from aahr_jax import sharding
+# The state lives apart from the trainer (benchmarks use it without the data pipeline).
+from aahr_jax.train_state import (TrainState, create_state_fn, device_fields,  # pylint: disable=unused-import
+                                   sample_batch, uses_clip)
 from aahr_jax.models import aahr
 from aahr_jax.models import bert as bert_lib
 from input_pipeline import datasets
 from input_pipeline import loader
-
-# Fields of a host batch that go to the device for a training step.
-TRAIN_FIELDS = ('regions', 'region_len', 'bert_ids', 'bert_len', 'caption_index',
-                'image_index', 'valid')
-CLIP_FIELDS = ('clip_image', 'clip_text')
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any  # AAHR: {'img', 'txt', 'criterion': {'prototypes', 'relation'}}
-  batch_stats: Any
-  opt_state: Any
-  rng: jax.Array
-  extra: Any  # AAHR: momentum encoders and MoCo queues; {} for VSE-infinity
-
-
-def uses_clip(config) -> bool:
-  return config.model.name == 'aahr'
-
-
-def device_fields(config) -> tuple[str, ...]:
-  return TRAIN_FIELDS + (CLIP_FIELDS if uses_clip(config) else ())
-
-
-def sample_batch(config, batch_size: int) -> dict:
-  """A zero batch with the training shapes (for initialisation and shape inference)."""
-  n, f, length = config.data.num_regions, config.data.region_dim, config.data.max_len
-  batch = {'regions': np.zeros((batch_size, n, f), np.float32),
-           'region_len': np.full((batch_size,), n, np.int32),
-           'bert_ids': np.zeros((batch_size, length), np.int32),
-           'bert_len': np.full((batch_size,), 2, np.int32),
-           'caption_index': np.zeros((batch_size,), np.int32),
-           'image_index': np.zeros((batch_size,), np.int32),
-           'valid': np.ones((batch_size,), bool)}
-  if uses_clip(config):
-    for name in CLIP_FIELDS:
-      batch[name] = np.zeros((batch_size, config.model.clip_dim), np.float32)
-  return batch
-
 
 def load_pretrained(config, params):
   """Replaces `txt/bert` with the converted weights named by config.model.bert_init."""
@@ -167,26 +128,6 @@ class MetricsWriter:
     if self.enabled:
       self.jsonl.close()
       self.tb.close()
-
-
-def create_state_fn(model, tx, config, batch_size: int):
-  """rng -> a fresh TrainState (model, criterion and momentum parameters, optimizer state)."""
-  batch = sample_batch(config, batch_size)
-
-  def init(rng):
-    init_rng, state_rng, criterion_rng, extra_rng = jax.random.split(rng, 4)
-    variables = model.init({'params': init_rng, 'dropout': init_rng}, batch, train=False)
-    params = dict(variables['params'])
-    extra = {}
-    if config.model.name == 'aahr':
-      out = jax.eval_shape(lambda: model.apply(variables, batch, train=False))
-      params['criterion'] = aahr_step.init_criterion(config, out, criterion_rng)
-      extra = aahr_step.init_extra(config, params, extra_rng)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
-                      rng=state_rng, extra=extra)
-
-  return init
 
 
 def create_state(model, tx, config, mesh, batch_size: int):

@@ -1,60 +1,33 @@
 """The JAX AAHR step for benchmarking: state, the cached-CLIP step and the online-CLIP step.
 
-The state is built like train.create_state_fn (same fields as train.TrainState) without
-importing aahr_jax.train, whose data pipeline needs tfds/grain (absent on the GPU machines).
+The state is the trainer's (aahr_jax/train_state.py), built without importing aahr_jax.train,
+whose data pipeline needs tfds/grain (absent on the GPU machines).
 Each step is compiled ahead of time (`jit(...).lower(...).compile()`) with the state donated:
 the executable cannot recompile, the compiler's memory and FLOP analyses come for free, and
 `check_same_avals` proves the next call would hit jax.jit's cache too.
 """
 
-from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax
 
 from aahr_jax import aahr_step
 from aahr_jax import optim
+from aahr_jax import train_state
 from aahr_jax.models import aahr
 from aahr_jax.models import clip as clip_lib
-
-
-@flax.struct.dataclass
-class State:
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-  rng: jax.Array
-  extra: Any
 
 
 def create_state(config, batch: dict):
   """(model, tx, schedule, state) with every loss term on from step 0 (config gates set)."""
   model = aahr.build_model(config.model, config.dtype)
-  shapes = {k: (batch[k].shape, batch[k].dtype) for k in model_fields(batch)}
-  clip_shape = ((batch['regions'].shape[0], config.model.clip_dim), jnp.float32)
-  shapes.update({k: clip_shape for k in ('clip_image', 'clip_text')})
-
-  def init(rng, tx):
-    init_rng, state_rng, criterion_rng, extra_rng = jax.random.split(rng, 4)
-    # zeros made inside the trace: only shapes matter, and no batch becomes an HLO constant
-    shapes_batch = {k: jnp.zeros(*v) for k, v in shapes.items()}
-    variables = model.init({'params': init_rng, 'dropout': init_rng}, shapes_batch, train=False)
-    params = dict(variables['params'])
-    out = jax.eval_shape(lambda: model.apply(variables, shapes_batch, train=False))
-    params['criterion'] = aahr_step.init_criterion(config, out, criterion_rng)
-    extra = aahr_step.init_extra(config, params, extra_rng)
-    return State(step=jnp.zeros((), jnp.int32), params=params,
-                 batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
-                 rng=state_rng, extra=extra)
-
+  init = lambda tx: train_state.create_state_fn(model, tx, config, batch['regions'].shape[0])
   rng = jax.random.PRNGKey(config.seed)
-  param_shapes = jax.eval_shape(lambda: init(rng, optax.identity()).params)
+  param_shapes = jax.eval_shape(lambda: init(optax.identity())(rng).params)
   tx, schedule = optim.make_optimizer(config.optim, param_shapes, 1000,
                                       late_groups=aahr_step.late_groups(config))
-  state = jax.jit(lambda r: init(r, tx))(rng)
+  state = jax.jit(init(tx))(rng)
   return model, tx, schedule, state
 
 
