@@ -32,12 +32,6 @@ def test_partial_flags_are_an_error():
     multihost.initialize('auto', '127.0.0.1:1234', None, 0)
 
 
-@pytest.fixture(scope='session')
-def scaling_dir(tmp_path_factory):
-  """The shared data_dir and the 8-device reference run (built once per session)."""
-  return scaling_runs.prepared_base(tmp_path_factory.getbasetemp() / 'scaling')
-
-
 @pytest.mark.slow
 def test_two_processes_match_one_process_on_8_devices(scaling_dir):
   workdir = str(scaling_dir / 'two_processes')

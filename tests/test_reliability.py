@@ -16,6 +16,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import scaling_runs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS = 30  # 2 epochs of 15 steps
 TINY = ['--config', 'configs/demo.py:epochs=2,train_images=48,batch_size=16,region_dim=16,'
@@ -47,16 +49,6 @@ def command(workdir, *extra):
 def run(workdir, *extra):
   return subprocess.run(command(workdir, *extra), cwd=ROOT, env=env(), capture_output=True,
                         text=True, timeout=RUN_TIMEOUT, check=False)
-
-
-def losses_by_step(workdir) -> dict[int, float]:
-  """Last logged loss of every step (a resumed run logs the steps after its checkpoint again)."""
-  out = {}
-  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
-    for line in f:
-      record = json.loads(line)
-      out[record['step']] = record
-  return out
 
 
 def final_params(workdir):
@@ -115,7 +107,7 @@ def uninterrupted(tmp_path_factory):
 
 
 def compare_with_uninterrupted(workdir, reference, resumed_from: int):
-  got, want = losses_by_step(workdir), losses_by_step(reference)
+  got, want = scaling_runs.logged_steps(workdir), scaling_runs.logged_steps(reference)
   assert sorted(got) == sorted(want) == list(range(1, TOTAL_STEPS + 1))
   for step in range(resumed_from + 1, TOTAL_STEPS + 1):
     assert got[step]['loss'] == pytest.approx(want[step]['loss'], abs=1e-6), step
@@ -181,7 +173,7 @@ def test_nan_batch_is_skipped_and_counted(tmp_path):
   result = run(tmp_path, '--config.debug.nan_steps=(7,)', '--config.checkpoint_every_steps=1',
                '--config.keep_checkpoints=40', '--config.num_epochs=1')
   assert result.returncode == 0, result.stderr[-3000:]
-  logs = losses_by_step(tmp_path)
+  logs = scaling_runs.logged_steps(tmp_path)
   assert logs[8]['skipped'] == 1 and logs[8]['skipped_total'] == 1  # step index 7 = 8th step
   assert logs[7]['skipped'] == 0 and logs[9]['skipped'] == 0 and logs[15]['skipped_total'] == 1
   assert np.isfinite(logs[9]['loss'])

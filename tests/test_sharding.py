@@ -64,12 +64,6 @@ def test_mesh_errors_name_the_problem():
     sharding.create_mesh((('data', 3),))
 
 
-@pytest.fixture(scope='session')
-def scaling_dir(tmp_path_factory):
-  """The shared data_dir and the 8-device reference run (built once per session)."""
-  return scaling_runs.prepared_base(tmp_path_factory.getbasetemp() / 'scaling')
-
-
 @pytest.mark.slow
 def test_losses_and_params_equal_on_1_8_and_data_x_fsdp(scaling_dir):
   data = str(scaling_dir / 'data')
