@@ -34,7 +34,9 @@ def relation_module(config) -> relations.InstanceRelationModule:
       gcn_dropout_rate=r.gcn_dropout, threshold=r.threshold, topk=r.topk,
       mask_weight=r.mask_weight, sigma=r.sigma, kl_temperature=r.kl_temperature,
       fine_grained_mask_padding=r.fine_grained_mask_padding,
-      caption_chunk=r.caption_chunk or None)
+      caption_chunk=r.caption_chunk or None,
+      # Mixed precision: the word-region scores from bf16 operands (fp32 accumulation).
+      relevance_matmul_dtype=jnp.bfloat16 if config.dtype == 'bfloat16' else None)
 
 
 def late_groups(config) -> tuple[tuple[str, int], ...]:

@@ -1,13 +1,18 @@
 """Evaluation: encode each image once and every caption, similarities, the original's metrics.
 
 Protocol: data_eval_spec.md section 3. The metric functions live in `aahr_jax.metrics` and are
-re-exported here (`recall_metrics`, `coco_metrics`).
+re-exported here (`recall_metrics`, `coco_metrics`). The data pipeline (Grain) is imported only
+by the functions that read a split, so scoring embeddings needs JAX and numpy alone (the GPU
+benchmark machine has no Grain).
 """
+
+from __future__ import annotations
 
 import json
 import os
 import sys
 import time
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +26,9 @@ from aahr_jax import sharding
 # Re-exported: the public metric API (`evaluate.recall_metrics`, `evaluate.coco_metrics`).
 from aahr_jax.metrics import (METRIC_KEYS, coco_metrics, fold_metrics, i2t_ranks,  # noqa: F401
                               mean_metrics, metrics_from_ranks, recall_metrics, t2i_ranks)
-from input_pipeline import loader
+
+if typing.TYPE_CHECKING:
+  from input_pipeline import loader
 
 
 def make_embed_fns(model, mesh):
@@ -59,6 +66,7 @@ def encode_split(model, variables, split: loader.SplitSource, *, mesh, batch_siz
   run the same number of steps), feeds the rows its devices hold, gets the embeddings of the
   whole batch back (replicated) and drops the padding with the global mask.
   """
+  from input_pipeline import loader  # pylint: disable=import-outside-toplevel,redefined-outer-name
   embed_images, embed_captions = make_embed_fns(model, mesh)
   rows = sharding.process_rows(mesh, batch_size)
   n_batches = -(-split.num_images // batch_size) + -(-split.num_captions // batch_size)

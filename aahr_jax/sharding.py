@@ -18,6 +18,7 @@ An op naming an axis the mesh lacks (or of size 1) is a no-op, so one rule set w
 mesh. `step` and `rng` are always replicated.
 """
 
+import collections
 import re
 
 import jax
@@ -123,6 +124,20 @@ def global_batch(batch: dict, mesh) -> dict:
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in batch.items()}
+
+
+def prefetch_to_device(items, put, size: int = 2):
+  """Yields (item, put(item)) with up to `size` further items already put: their host-to-device
+  copies are dispatched (asynchronously) while the current step runs, so a step never waits for
+  its batch's transfer. The order is unchanged; nothing is read past what the caller takes plus
+  `size` (the training data is a function of the step, so resuming is unaffected)."""
+  queue = collections.deque()
+  for item in items:
+    queue.append((item, put(item)))
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
 
 
 # ----------------------------------------------------------------------------------------------

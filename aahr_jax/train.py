@@ -334,13 +334,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
 
   try:
     nan_steps = set(config.debug.nan_steps)
-    for step in range(start_step, total_steps):
-      batch = next(batches)
-      if step in nan_steps:  # testing hook: a corrupt batch must be skipped, not learned from
-        batch = dict(batch, regions=np.full_like(batch['regions'], np.nan))
+
+    def host_batches():
+      for step in range(start_step, total_steps):
+        batch = next(batches)
+        if step in nan_steps:  # testing hook: a corrupt batch must be skipped, not learned from
+          batch = dict(batch, regions=np.full_like(batch['regions'], np.nan))
+        yield step, batch
+
+    to_device = lambda item: sharding.global_batch(
+        {k: item[1][k] for k in device_fields(config)}, mesh)
+    for (step, batch), device_batch in sharding.prefetch_to_device(host_batches(), to_device):
       truncated += int(batch['truncated'].sum())
-      state, metrics = train_step(state, sharding.global_batch(
-          {k: batch[k] for k in device_fields(config)}, mesh))
+      state, metrics = train_step(state, device_batch)
       if pending is not None:
         check_skips(*pending)
       pending = (step + 1, metrics)

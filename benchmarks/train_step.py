@@ -11,14 +11,19 @@ Variants:
   torch_compiled  the same under torch.compile
 
 Every loss term is on (relation module, SwAV, InfoNCE: the steady state after 8,000 steps).
-Timing: after compilation and a warm-up step, the median over `--steps` steps, each ended by
-block_until_ready (JAX) / cuda.synchronize (PyTorch): robust to a shared, noisy machine. JAX runs its ahead-of-time compiled
+Timing, after compilation and a warm-up step: `ms/step` is the mean over `--steps` steps run as
+the trainer runs them (JAX: the next step dispatched before the previous step's metrics are read;
+PyTorch: back to back, its own per-step NaN check syncing as in the original), synchronised at
+the end; `synced ms/step` is the median of steps each ended by block_until_ready /
+cuda.synchronize (latency: host dispatch not overlapped). JAX runs its ahead-of-time compiled
 executable with the state donated, checks that the output state has the input's signature and
 counts backend compilations during the timed steps (must be 0). Model FLOPs per step come from
 benchmarks/step_flops.py (the formulas are written there); MFU = FLOPs / time / the measured
 matmul peak of the device (a large bf16 matmul, or fp32 with --precision fp32). Peak memory:
 XLA's buffer assignment of the step (JAX), torch.cuda.max_memory_allocated (PyTorch).
 `--time_budget` skips the variants that would start after it has run out (and says so).
+`--cache_dir D` keeps JAX's and inductor's compilation caches under D: a second run on the same
+machine (the suite rerun, another batch of steps) loads the compiled steps instead of compiling.
 """
 
 import argparse
@@ -54,9 +59,10 @@ CLIP_ARCHS = {
                  vision_heads=2, context_length=77, vocab_size=49408, text_width=32,
                  text_heads=2, text_layers=1),
 }
-# Seconds a variant takes on an H100/H200 at COCO size, compilation included (rough, measured
-# order of magnitude): with --time_budget a variant starts only if this much time is left.
-EXPECTED_S = {'jax_cached': 60, 'jax_online': 80, 'torch_eager': 20, 'torch_compiled': 100}
+# Seconds a variant takes on an H200 at COCO batch 256, compilation included (measured
+# 2026-11-27 with BERT scanned; jax_online never ran there, its figure is a guess): with
+# --time_budget a variant starts only if this much time is left.
+EXPECTED_S = {'jax_cached': 120, 'jax_online': 150, 'torch_eager': 20, 'torch_compiled': 160}
 _compiles = [0]
 
 
@@ -172,7 +178,18 @@ def run_jax(variant: str, config, batch: dict, clip_arch: dict, steps: int, prec
     state, metrics = compiled(state, *rest)
     jax.block_until_ready(state)
     times.append(time.perf_counter() - start)
-  seconds = float(np.median(times))
+  synced = float(np.median(times))
+  # As the trainer runs: the next step is dispatched before the previous one's metrics are read
+  # (one step late), so host dispatch overlaps the device's work.
+  pending = None
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = compiled(state, *rest)
+    if pending is not None:
+      int(pending['skipped'])
+    pending = metrics
+  jax.block_until_ready(state)
+  seconds = (time.perf_counter() - start) / max(steps, 1)
   recompiles = _compiles[0] - compiles
   loss = float(metrics['loss'])
   if trace:
@@ -184,7 +201,8 @@ def run_jax(variant: str, config, batch: dict, clip_arch: dict, steps: int, prec
   if parts:
     with jax_precision(precision):
       parts_ms = jax_parts.time_parts(config, model, tx, state, rest[-1], steps)
-  return {'parts_ms': parts_ms, 'ms': 1e3 * seconds, 'compile_s': compile_s,
+  return {'parts_ms': parts_ms, 'ms': 1e3 * seconds, 'ms_synced': 1e3 * synced,
+          'compile_s': compile_s,
           'memory_bytes': jax_step.memory_bytes(compiled), 'xla_flops': jax_step.xla_flops(compiled),
           'recompiles': recompiles, 'loss': loss,
           'skipped_steps': int(metrics['skipped'])}
@@ -235,14 +253,27 @@ def run_torch(variant: str, config, batch: dict, clip_arch: dict, steps: int, pr
     loss = model.step(inputs)
     sync()
     times.append(time.perf_counter() - start)
-  seconds = float(np.median(times))
+  start = time.perf_counter()
+  for _ in range(steps):  # back to back (the step's own NaN check still syncs every step)
+    loss = model.step(inputs)
+  sync()
+  seconds = (time.perf_counter() - start) / max(steps, 1)
   memory = torch.cuda.max_memory_allocated() if device == 'cuda' else None
-  result = {'ms': 1e3 * seconds, 'compile_s': compile_s, 'memory_bytes': memory,
-            'loss': float(loss)}
+  result = {'ms': 1e3 * seconds, 'ms_synced': 1e3 * float(np.median(times)),
+            'compile_s': compile_s, 'memory_bytes': memory, 'loss': float(loss)}
   del model
   if device == 'cuda':
     torch.cuda.empty_cache()
   return result
+
+
+def use_caches(directory: str) -> None:
+  """Persistent compilation caches under `directory` (set before torch compiles anything)."""
+  jax.config.update('jax_compilation_cache_dir', os.path.join(directory, 'jax'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+  os.environ.setdefault('TORCHINDUCTOR_CACHE_DIR', os.path.join(directory, 'inductor'))
+  os.environ.setdefault('TRITON_CACHE_DIR', os.path.join(directory, 'triton'))
 
 
 def software() -> dict:
@@ -267,18 +298,19 @@ def table(report: dict) -> str:
            f"{report['regions']} regions x {report['tokens']} tokens, {report['precision']}"
            f"{', BERT scanned' if report.get('bert_scan') else ''}, "
            f"{report['device']}; measured matmul peak {report['peak_tflops']:.3g} TFLOP/s",
-           '| variant | ms/step | examples/s | model TFLOP/step | TFLOP/s | MFU | peak memory GiB '
-           '| compile s | JAX cached speed-up | notes |',
-           '|---|---|---|---|---|---|---|---|---|---|']
+           '| variant | ms/step | synced ms/step | examples/s | model TFLOP/step | TFLOP/s | MFU '
+           '| peak memory GiB | compile s | JAX cached speed-up | notes |',
+           '|---|---|---|---|---|---|---|---|---|---|---|']
   for r in rows:
     if not r.get('ms'):
-      lines.append(f"| {r['variant']} | - | - | - | - | - | - | - | - | {r.get('note', '')} |")
+      lines.append(f"| {r['variant']} | - | - | - | - | - | - | - | - | - | {r.get('note', '')} |")
       continue
     tflops = r['flops'] / r['ms'] * 1e-9
     memory = f"{r['memory_bytes'] / 2**30:.2f}" if r.get('memory_bytes') else 'n/a'
     speedup = (f"{r['ms'] / base['jax_cached']['ms']:.2f}x" if 'jax_cached' in base else 'n/a')
     lines.append(
-        f"| {r['variant']} | {r['ms']:.1f} | {1e3 * report['batch_size'] / r['ms']:.0f} | "
+        f"| {r['variant']} | {r['ms']:.1f} | {r.get('ms_synced', float('nan')):.1f} | "
+        f"{1e3 * report['batch_size'] / r['ms']:.0f} | "
         f"{r['flops'] / 1e12:.3g} | {tflops:.3g} | {100 * tflops / report['peak_tflops']:.1f}% | "
         f"{memory} | {r['compile_s']:.0f} | {speedup} | {r.get('note', '')} |")
   for r in rows:
@@ -314,10 +346,15 @@ def main(argv=None) -> dict:
                            'compile; the GPU suite uses it to fit its time budget)')
   parser.add_argument('--parts', action='store_true',
                       help='also time the parts of the jax_cached step (benchmarks/jax_parts.py)')
+  parser.add_argument('--cache_dir', default='',
+                      help="persistent compilation caches: JAX's under DIR/jax, inductor's under "
+                           'DIR/inductor (a later run with the same DIR skips compilation)')
   parser.add_argument('--json', default='')
   parser.add_argument('--markdown', default='')
   args = parser.parse_args(argv)
   start = time.time()
+  if args.cache_dir:
+    use_caches(args.cache_dir)
   jax.monitoring.register_event_duration_secs_listener(_count_compiles)
   config = load_config(args.config)
   batch_size = args.batch_size or config.batch_size

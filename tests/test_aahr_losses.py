@@ -408,6 +408,20 @@ def test_fine_grained_caption_chunks_match():
     np.testing.assert_allclose(a, b, atol=1e-13)
 
 
+def test_fine_grained_bf16_operands_stay_close_to_fp32():
+  """Mixed-precision runs compute the word-region scores from bf16 operands (fp32 accumulation):
+  the relevance moves by bf16 rounding only, not by a different computation."""
+  inputs = fx.relation_case("rel10")
+  args = [jnp.asarray(inputs[k], jnp.float32) if k in ("regions", "words") else inputs[k]
+          for k in ("regions", "words", "word_lengths", "batch_max_regions", "batch_max_len")]
+  full = R.fine_grained_relevance(*args, topk=10)
+  mixed = R.fine_grained_relevance(*args, topk=10, matmul_dtype=jnp.bfloat16)
+  for a, b in zip(full, mixed):
+    assert b.dtype == jnp.float32
+    np.testing.assert_allclose(a, b, atol=2e-2)
+    assert float(jnp.max(jnp.abs(a - b))) > 0  # the bf16 path was taken
+
+
 def test_fine_grained_all_captions_shorter_than_topk():
   """Q29 guard: every caption shorter than 10 and a batch width < 10 does not fail; the
   word normalisation then covers all batch_max_len slots."""

@@ -19,9 +19,9 @@ def run(tmp_path, variants: str) -> dict:
 def test_train_step_benchmark_runs_and_prints_the_table(tmp_path, capsys):
   rows = run(tmp_path, 'jax_cached,torch_eager')
   printed = capsys.readouterr().out
-  assert '| variant | ms/step | examples/s |' in printed
+  assert '| variant | ms/step | synced ms/step | examples/s |' in printed
   for variant in ('jax_cached', 'torch_eager'):
-    assert rows[variant].get('ms'), rows[variant]
+    assert rows[variant].get('ms') and rows[variant].get('ms_synced'), rows[variant]
   assert rows['jax_cached']['recompiles'] == 0
 
 

@@ -65,6 +65,21 @@ def test_mesh_errors_name_the_problem():
 
 
 @pytest.mark.slow
+def test_prefetch_to_device_keeps_order_and_reads_only_size_ahead():
+  pulled = []
+
+  def source():
+    for i in range(5):
+      pulled.append(i)
+      yield i
+
+  out = sharding.prefetch_to_device(source(), lambda i: 10 * i, size=2)
+  assert next(out) == (0, 0)
+  assert pulled == [0, 1, 2]  # the item in use and two transfers in flight, no more
+  assert list(out) == [(1, 10), (2, 20), (3, 30), (4, 40)]
+  assert list(sharding.prefetch_to_device(iter([]), lambda i: i)) == []
+
+
 def test_losses_and_params_equal_on_1_8_and_data_x_fsdp(scaling_dir):
   data = str(scaling_dir / 'data')
   reference = str(scaling_dir / 'ref8')

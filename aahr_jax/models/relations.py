@@ -70,7 +70,8 @@ def row_topk_connectivity(similarity: jax.Array, k: int) -> jax.Array:
 
 def _caption_vs_all_images(words_hat: jax.Array, word_valid: jax.Array, word_selected: jax.Array,
                            length: jax.Array, regions_hat: jax.Array, region_in: jax.Array,
-                           region_count: jax.Array) -> tuple[jax.Array, jax.Array]:
+                           region_count: jax.Array,
+                           matmul_dtype: Any = None) -> tuple[jax.Array, jax.Array]:
   """Relevance of one caption to every image.
 
   Args:
@@ -78,10 +79,15 @@ def _caption_vs_all_images(words_hat: jax.Array, word_valid: jax.Array, word_sel
     word_selected: [L] slots entering the word-axis normalisation.
     length: scalar word count. regions_hat: [B, R, D]. region_in: [B, R] slots that take part.
     region_count: [B] number of taking-part region slots (the i2t mean divides by it).
+    matmul_dtype: None = full fp32 scores; else the operands' dtype (fp32 accumulation).
   Returns:
     (t2i [B], i2t [B]) for this caption against every image.
   """
-  scores = jnp.einsum("wd,ird->iwr", words_hat, regions_hat, precision=_HIGHEST)
+  if matmul_dtype is None:
+    scores = jnp.einsum("wd,ird->iwr", words_hat, regions_hat, precision=_HIGHEST)
+  else:
+    scores = jnp.einsum("wd,ird->iwr", words_hat.astype(matmul_dtype),
+                        regions_hat.astype(matmul_dtype), preferred_element_type=jnp.float32)
   scores = jax.nn.leaky_relu(scores, negative_slope=0.1)  # [B, L, R]
   region_in = region_in[:, None, :]
   squares = scores * scores
@@ -103,8 +109,8 @@ def _caption_vs_all_images(words_hat: jax.Array, word_valid: jax.Array, word_sel
 def fine_grained_relevance(regions: jax.Array, words: jax.Array, word_lengths: jax.Array,
                            batch_max_regions: jax.Array, batch_max_len: jax.Array, *,
                            topk: int = 10, region_lengths: jax.Array | None = None,
-                           mask_padding: bool = False,
-                           caption_chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
+                           mask_padding: bool = False, caption_chunk: int | None = None,
+                           matmul_dtype: Any = None) -> tuple[jax.Array, jax.Array]:
   """Word-region relevance means T2I [B_cap, B_img] and I2T [B_img, B_cap] (no gradient).
 
   Args:
@@ -121,6 +127,9 @@ def fine_grained_relevance(regions: jax.Array, words: jax.Array, word_lengths: j
       valid words take part anywhere.
     caption_chunk: evaluate this many captions at a time (bounds the [B, B, L, R] memory);
       None = all at once.
+    matmul_dtype: None (default): word-region scores in full fp32, as the original. bfloat16
+      (mixed-precision runs, whose regions and words are bf16 activations already): bf16
+      operands with fp32 accumulation; on an H200 the fp32 einsum was 7% of the batch-256 step.
   """
   regions = jax.lax.stop_gradient(regions)
   words = jax.lax.stop_gradient(words)
@@ -145,7 +154,7 @@ def fine_grained_relevance(regions: jax.Array, words: jax.Array, word_lengths: j
   def one_caption(xs):
     caption_words, valid, selected, length = xs
     return _caption_vs_all_images(caption_words, valid, selected, length, regions_hat, region_in,
-                                  region_count)
+                                  region_count, matmul_dtype)
 
   xs = (words_hat, word_valid, word_selected, lengths)
   if caption_chunk is None:
@@ -313,6 +322,7 @@ class InstanceRelationModule(nn.Module):
   fine_grained_mask_padding: bool = False  # Q17 corrected mode
   caption_chunk: int | None = None
   precision: Any = None
+  relevance_matmul_dtype: Any = None  # see fine_grained_relevance; bf16 runs pass bfloat16
 
   @nn.compact
   def __call__(self, img_prefusion: jax.Array, cap_prefusion: jax.Array, regions: jax.Array,
@@ -344,7 +354,7 @@ class InstanceRelationModule(nn.Module):
     relevance_t2i, relevance_i2t = fine_grained_relevance(
         regions, words, word_lengths, batch_max_regions, batch_max_len, topk=self.topk,
         region_lengths=region_lengths, mask_padding=self.fine_grained_mask_padding,
-        caption_chunk=self.caption_chunk)
+        caption_chunk=self.caption_chunk, matmul_dtype=self.relevance_matmul_dtype)
     connect_t2i = row_topk_connectivity(relevance_t2i, k)
     connect_i2t = row_topk_connectivity(relevance_i2t, k)
 

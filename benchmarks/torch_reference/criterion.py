@@ -73,18 +73,23 @@ def info_nce(q_img, q_txt, k_img, k_txt, queue_img, queue_txt, tau: float = 0.07
   return one(q_img, k_txt, queue_txt) + one(q_txt, k_img, queue_img)
 
 
-def fine_grained_relevance(regions, words, word_len, topk: int = 10):
+def fine_grained_relevance(regions, words, word_len, topk: int = 10, matmul_dtype=None):
   """SCAN-style relevance (spec 2.13) -> (T2I [caption, image], I2T [image, caption]).
 
   regions [B, N, D] and words [B, L, D] at the per-batch widths; all captions at once (the
-  original loops over captions; the [B, B, L, N] tensor fits on the GPU).
+  original loops over captions; the [B, B, L, N] tensor fits on the GPU). matmul_dtype
+  (bf16 runs): the word-region scores from operands of that dtype, as the JAX step does.
   """
   regions, words = F.normalize(regions.detach(), dim=-1), F.normalize(words.detach(), dim=-1)
   width = words.shape[1]
   positions = torch.arange(width, device=words.device)
   valid = positions[None, :] < word_len[:, None]                                  # [C, L]
   selected = positions[None, :] < word_len.clamp(min=topk).clamp(max=width)[:, None]
-  m = F.leaky_relu(torch.einsum('cwd,ird->ciwr', words, regions), 0.1)             # [C,I,L,N]
+  if matmul_dtype is None:
+    scores = torch.einsum('cwd,ird->ciwr', words, regions)
+  else:
+    scores = torch.einsum('cwd,ird->ciwr', words.to(matmul_dtype), regions.to(matmul_dtype))
+  m = F.leaky_relu(scores.float(), 0.1)                                             # [C,I,L,N]
   word_norm = (m.pow(2) * selected[:, None, :, None]).sum(dim=2, keepdim=True)
   per_word = (m / word_norm.sqrt().clamp_min(1e-12)).max(dim=3).values              # [C,I,L]
   t2i = (per_word * valid[:, None, :]).sum(dim=2) / word_len[:, None]
@@ -121,7 +126,8 @@ class Criterion(nn.Module):
   """GraphLoss: base triplet, SwAV, the instance relation module and its triplet terms."""
 
   def __init__(self, embed_size: int, num_prototypes: int, nhead: int, cutoff: float,
-               mask_weight: float, swav_cfg: dict, threshold: float = 0.5, topk: int = 10):
+               mask_weight: float, swav_cfg: dict, threshold: float = 0.5, topk: int = 10,
+               relevance_matmul_dtype=None):
     super().__init__()
     self.prototypes = nn.Parameter(torch.randn(num_prototypes, embed_size))
     layer = nn.TransformerEncoderLayer(embed_size, nhead, embed_size, 0.1)
@@ -129,6 +135,7 @@ class Criterion(nn.Module):
     self.gcn_img, self.gcn_text, self.gcn = GCN(embed_size), GCN(embed_size), GCN(embed_size)
     self.cutoff, self.mask_weight, self.swav_cfg = cutoff, mask_weight, swav_cfg
     self.threshold, self.topk = threshold, topk
+    self.relevance_matmul_dtype = relevance_matmul_dtype
 
   def relation(self, v1, t1, regions, words, word_len):
     """-> (x, y, x^, y^, constant KL regulariser) (spec 2.14)."""
@@ -137,7 +144,8 @@ class Criterion(nn.Module):
     k = int(batch * self.threshold)
     with torch.no_grad():
       c_ii, c_tt = _row_topk(x @ x.t(), k), _row_topk(y @ y.t(), k)
-      a_ti, a_it = fine_grained_relevance(regions, words, word_len, self.topk)
+      a_ti, a_it = fine_grained_relevance(regions, words, word_len, self.topk,
+                                          self.relevance_matmul_dtype)
       c_ti, c_it = _row_topk(a_ti, k), _row_topk(a_it, k)
       g = torch.exp(-torch.cdist(x, y))
       reg = _kl(g, a_it) + _kl(g.t(), a_ti)
@@ -147,7 +155,9 @@ class Criterion(nn.Module):
     mask = (self.mask_weight * a_full).masked_fill(~c_full, float('-inf'))
     z = self.gcn(torch.cat([self.gcn_img(x, a_ii), self.gcn_text(y, a_tt)]), a_full)
     h = F.normalize(z, dim=1) + torch.cat([x, y])
-    out = F.normalize(self.gnn(h[:, None, :], mask=mask)[:, 0], dim=1)
+    # is_causal=False: otherwise PyTorch compares the mask with a causal one on the host (a sync,
+    # and a graph break under torch.compile).
+    out = F.normalize(self.gnn(h[:, None, :], mask=mask, is_causal=False)[:, 0], dim=1)
     return x, y, out[:batch], out[batch:], reg
 
   def forward(self, v, t, v1, t1, regions, words, word_len, ids):

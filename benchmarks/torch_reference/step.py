@@ -96,7 +96,8 @@ class ReferenceStep:
     self.txt = encoders.TextEncoder(s, bert).to(self.device).train()
     self.criterion = criterion_lib.Criterion(
         s.embed_size, s.num_prototypes, s.relation_heads, s.cutoff, s.mask_weight,
-        s.swav).to(self.device).train()
+        s.swav, relevance_matmul_dtype=torch.bfloat16 if self.amp else None
+    ).to(self.device).train()
     # Key encoders: deep copies; BERT in inference mode, the rest in train mode (Q13).
     self.key_img = copy.deepcopy(self.img).requires_grad_(False)
     self.key_txt = copy.deepcopy(self.txt).requires_grad_(False)
