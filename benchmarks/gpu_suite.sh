@@ -59,6 +59,7 @@ fi
 run_batch() {  # run_batch BATCH SECONDS [extra args]
   local batch=$1 seconds=$2
   shift 2
+  if [ "$seconds" -lt 30 ]; then note "batch $batch skipped: ${seconds}s left"; return; fi
   note "batch $batch: at most ${seconds}s"
   timeout --signal=KILL "$seconds" "$PY" -m benchmarks.train_step "${COMMON[@]}" \
     --batch_size "$(size "$batch")" --time_budget $(( seconds - 10 )) --cache_dir "$CACHE" \
