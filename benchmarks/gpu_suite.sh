@@ -8,10 +8,10 @@
 # Batch 256 (the criteria) runs first with SHARE256 percent of the budget; batch 128
 # gets the rest, then the evaluator benchmark (COCO-5K-sized embeddings to the metric table, on
 # the GPU and on the host's CPU cores) if time is left. One variant at a time on an otherwise
-# idle machine: compilation dominates (H200, batch 256: JAX step 97 s, torch.compile 145 s),
-# and six compilations run in parallel were each about 3x slower than one alone (2026-11-27),
-# so nothing is compiled in parallel. A variant that would not fit is skipped and the table says
-# so. Compilation caches live in $CACHE: a rerun on the same machine starts in seconds.
+# idle machine: compilation dominates (H200, batch 256: JAX step 71-97 s, torch.compile 145 s),
+# and of six compilations run in parallel none finished in 190 s (2026-11-27), so nothing is
+# compiled in parallel. A variant that would not fit is skipped and the table says so.
+# Compilation caches live in $CACHE: a rerun on the same machine starts in seconds.
 # Files (the device tool returns at most 8): suite.log, b256.json, b128.json, results.md,
 # b256_jax_cached.trace.json.gz, b256_jax_cached.hlo.txt.gz, evaluate.log.
 # Python packages missing on the GPU machine (ml_collections, open_clip and its ftfy/wcwidth)

@@ -145,9 +145,6 @@ def aahr_config(dataset: str, batch_size: int, nmb_prototypes: int,
   # unused BN, the HREM relevance MLPs. Prototypes and the graph module start late with their own
   # Adam step counts (aahr_spec.md 3.1).
   c.optim.frozen = ('.*/bns_1/.*', 'txt/bert/pooler/.*')
-  # Zero the rounding-noise gradients of biases that BatchNorm / the attention softmax cancel
-  # (aahr_jax/optim.py shift_invariant_masks): same function, layout-independent runs.
-  c.optim.zero_shift_invariant_grads = True
 
   c.batch_size = batch_size
   c.num_epochs = 40
