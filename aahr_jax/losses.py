@@ -111,14 +111,24 @@ def draw_negatives(key: jax.Array, weights: jax.Array) -> jax.Array:
   The original draws one negative per positive pair, all from the anchor's row; in static shape we
   draw for every cell and let the loss weight each hinge by the positive mask.
 
+  Inverse-CDF sampling: one uniform per cell, placed in its row's cumulative weights, costs
+  A*C random numbers and A*C*C comparisons; Gumbel-max (`jax.random.categorical`) would cost
+  A*C*C random numbers (8 x 16.8M threefry draws per COCO step at batch 256).
+
   Args:
     key: PRNG key. weights: [A, C] non-negative, rows need not be normalised.
   Returns:
-    [A, C] int32, entry (a, j) = negative index drawn for pair (a, j).
+    [A, C] int32, entry (a, j) = negative index drawn for pair (a, j); a row of zero weights
+    draws its last column (the loss ignores such rows).
   """
   a, c = weights.shape
-  logits = jnp.where(weights > 0, jnp.log(jnp.where(weights > 0, weights, 1.0)), -jnp.inf)
-  return jax.random.categorical(key, logits[:, None, :], axis=-1, shape=(a, c)).astype(jnp.int32)
+  cdf = jnp.cumsum(weights, axis=1)  # non-decreasing: a sum of non-negative terms
+  targets = jax.random.uniform(key, (a, c), cdf.dtype) * cdf[:, -1:]
+  # The first column whose cumulative weight exceeds the target: never a zero-weight column.
+  drawn = jnp.sum(cdf[:, None, :] <= targets[:, :, None], axis=-1)
+  # A target rounded up to the row total matches no column; take the last drawable one.
+  last_drawable = c - 1 - jnp.argmax((weights > 0)[:, ::-1], axis=1)
+  return jnp.minimum(drawn, last_drawable[:, None]).astype(jnp.int32)
 
 
 def negatives_from_pairs(anchor: jax.Array, positive: jax.Array, drawn: jax.Array,

@@ -170,14 +170,19 @@ def test_triplet_all_zero_row_zeroes_the_direction():
 
 def test_draw_negatives_follows_the_weights():
   weights = jnp.array([[0.0, 0.5, 0.3, 0.2], [0.0, 0.0, 1e-30, 0.0],
-                       [0.25, 0.25, 0.25, 0.25], [0.0, 0.0, 0.0, 0.0]])
+                       [0.25, 0.25, 0.25, 0.25], [0.0, 0.0, 0.0, 0.0],
+                       [0.6, 0.0, 0.4, 0.0]])
   keys = jax.random.split(jax.random.key(7), 4000)
-  draws = np.asarray(jax.vmap(L.draw_negatives, (0, None))(keys, weights))  # [K, 4, 4]
+  draws = np.asarray(jax.vmap(L.draw_negatives, (0, None))(keys, weights))  # [K, 5, 4]
   frequencies = np.stack([np.bincount(draws[:, row].ravel(), minlength=4) / draws[:, row].size
-                          for row in range(3)])
+                          for row in range(5)])
   np.testing.assert_allclose(frequencies[0], [0.0, 0.5, 0.3, 0.2], atol=0.02)
   np.testing.assert_array_equal(frequencies[1], [0, 0, 1, 0])  # tiny but non-zero is drawable
   np.testing.assert_allclose(frequencies[2], 0.25, atol=0.02)
+  np.testing.assert_allclose(frequencies[4], [0.6, 0.0, 0.4, 0.0], atol=0.02)
+  assert frequencies[4][[1, 3]].sum() == 0  # zero weight: never drawn, also not the last column
+  # Cells of one row are independent draws, not one draw repeated.
+  assert len(np.unique(draws[0, 0])) > 1
 
 
 def test_triplet_with_key_jits_and_has_finite_gradients():

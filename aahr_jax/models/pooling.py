@@ -101,18 +101,23 @@ class GPO(nn.Module):
 def maxk_pool(features, lengths, k: int = 2):
   """Mean of the k largest values per feature over the first `length` positions (AAHR MaxK).
 
-  k is min(k, length) per item (aahr_spec.md 2.5).
+  k is min(k, length) per item (aahr_spec.md 2.5). Selected by k rounds of argmax (first index
+  among equal values, as lax.top_k orders ties) and a masked sum: reductions that fuse with their
+  neighbours and whose gradient reaches exactly the selected positions. A top_k over the position
+  axis lowers to a full sort of a [B, D, S] array on GPUs (1 ms of a 43 ms COCO step).
   """
   s = features.shape[1]
-  valid = layers.position_mask(lengths, s)
-  filled = jnp.where(valid[:, :, None], features, -jnp.inf)
-  # top_k over the position axis (moved last) instead of a full sort: a partial selection,
-  # and its gradient is a scatter of k entries rather than the sort's permutation.
-  top = jax.lax.top_k(jnp.swapaxes(filled, 1, 2), k)[0]  # [B, D, k]
+  positions = jnp.arange(s)[None, :, None]
+  remaining = jnp.broadcast_to(layers.position_mask(lengths, s)[:, :, None], features.shape)
   k_eff = jnp.minimum(lengths, k)
-  use = (jnp.arange(k)[None, :] < k_eff[:, None])[:, None, :]
-  return jnp.where(use, top, 0.0).sum(axis=2) / k_eff[:, None].astype(features.dtype)
-
+  total = jnp.zeros((features.shape[0], features.shape[2]), features.dtype)
+  for rank in range(k):
+    pick = jnp.argmax(jnp.where(remaining, features, -jnp.inf), axis=1, keepdims=True)
+    chosen = positions == pick  # [B, S, D], one position per feature
+    value = jnp.where(chosen, features, 0).sum(axis=1)
+    total = total + jnp.where((rank < k_eff)[:, None], value, 0)
+    remaining = remaining & ~chosen
+  return total / k_eff[:, None].astype(features.dtype)
 
 
 class StackedDense(nn.Module):
