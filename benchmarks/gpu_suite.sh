@@ -14,6 +14,7 @@
 # 190 s (2026-11-27), so nothing is compiled in parallel. Variants run in the order given; one
 # that would not fit in what is left of its batch's time is skipped and the table says so.
 # Compilation caches live in $CACHE: a rerun on the same machine starts in seconds.
+# First benchmarks.selection_ops (one minute at most; its table goes to suite.log).
 # Files (the device tool returns at most 8): suite.log, b256.json, b128.json, results.md,
 # b256_jax_cached.trace.json.gz, b256_jax_cached.hlo.txt.gz, evaluate.log.
 # Python packages missing on the GPU machine (ml_collections, open_clip and its ftfy/wcwidth)
@@ -65,6 +66,12 @@ run_batch() {  # run_batch BATCH SECONDS [extra args]
     --variants "$VARIANTS" --json "$OUT_DIR/b$batch.json" "$@" >>"$LOG" 2>&1
   note "batch $batch exit $?"
 }
+
+# MaxK pooling and the negative draws against their earlier forms (about 20 s; suite.log).
+SEL_ARGS=()
+[ "$TINY" = 1 ] && SEL_ARGS=(--batch_size 16 --dim 64 --repeats 2)
+timeout --signal=KILL 60 "$PY" -m benchmarks.selection_ops "${SEL_ARGS[@]}" >>"$LOG" 2>&1
+note "selection_ops exit $?"
 
 run_batch 256 $(( ($(left) - EVAL_S) * SHARE256 / 100 )) --trace "$OUT_DIR/b256_jax_cached"
 run_batch 128 $(( $(left) - EVAL_S ))

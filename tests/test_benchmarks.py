@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from benchmarks import selection_ops
 from benchmarks import train_step
 
 
@@ -32,3 +33,10 @@ def test_train_step_benchmark_runs_and_prints_the_table(tmp_path, capsys):
 def test_online_clip_variant_runs(tmp_path):
   rows = run(tmp_path, 'jax_online')
   assert rows['jax_online'].get('ms'), rows['jax_online']
+
+
+def test_selection_ops_benchmark_runs(capsys):
+  rows = selection_ops.main(['--batch_size', '8', '--regions', '5', '--dim', '4',
+                             '--repeats', '1'])
+  assert len(rows) == 3 and all(before > 0 and after > 0 for _, before, after in rows)
+  assert '| operation | earlier form ms | current ms | speed-up |' in capsys.readouterr().out

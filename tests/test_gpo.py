@@ -6,6 +6,7 @@ import jax
 import numpy as np
 
 from aahr_jax.models import pooling
+from benchmarks import selection_ops
 
 
 def numpy_gpo(features, lengths, p):
@@ -84,17 +85,6 @@ def test_maxk_mean_of_two_largest_valid():
   np.testing.assert_allclose(got, [[2.0, 3.5], [4.0, -1.0]])
 
 
-def topk_maxk_pool(features, lengths, k):
-  """MaxK through lax.top_k (the obvious form): the reference for values and gradients."""
-  s = features.shape[1]
-  valid = np.arange(s)[None, :] < np.asarray(lengths)[:, None]
-  filled = jax.numpy.where(valid[:, :, None], features, -np.inf)
-  top = jax.lax.top_k(jax.numpy.swapaxes(filled, 1, 2), k)[0]
-  k_eff = np.minimum(lengths, k)
-  use = (np.arange(k)[None, :] < k_eff[:, None])[:, None, :]
-  return jax.numpy.where(use, top, 0.0).sum(axis=2) / k_eff[:, None]
-
-
 def test_maxk_matches_top_k_in_values_and_gradients_with_ties():
   rng = np.random.default_rng(3)
   # Values on a coarse grid: many ties, where the gradient must reach the lowest tied index
@@ -106,10 +96,11 @@ def test_maxk_matches_top_k_in_values_and_gradients_with_ties():
     got, got_grad = jax.value_and_grad(
         lambda f: (pooling.maxk_pool(f, lengths, k) * cotangent).sum())(feats)
     want, want_grad = jax.value_and_grad(
-        lambda f: (topk_maxk_pool(f, lengths, k) * cotangent).sum())(feats)
+        lambda f: (selection_ops.maxk_pool_top_k(f, lengths, k) * cotangent).sum())(feats)
     np.testing.assert_allclose(got, want, rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(got_grad), np.asarray(want_grad))
     assert not np.asarray(got_grad)[lengths[:, None] <= np.arange(7)[None, :]].any()
   bf16 = jax.numpy.asarray(rng.normal(size=(3, 9, 4)), jax.numpy.bfloat16)
-  np.testing.assert_array_equal(np.asarray(pooling.maxk_pool(bf16, np.array([9, 4, 1]), 2)),
-                                np.asarray(topk_maxk_pool(bf16, np.array([9, 4, 1]), 2)))
+  bf16_lengths = np.array([9, 4, 1])
+  np.testing.assert_array_equal(np.asarray(pooling.maxk_pool(bf16, bf16_lengths, 2)),
+                                np.asarray(selection_ops.maxk_pool_top_k(bf16, bf16_lengths, 2)))
