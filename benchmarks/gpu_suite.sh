@@ -14,7 +14,8 @@
 # 190 s (2026-11-27), so nothing is compiled in parallel. Variants run in the order given; one
 # that would not fit in what is left of its batch's time is skipped and the table says so.
 # Compilation caches live in $CACHE: a rerun on the same machine starts in seconds.
-# First benchmarks.selection_ops (one minute at most; its table goes to suite.log).
+# First benchmarks.selection_ops (one minute at most; its table goes to suite.log), last
+# benchmarks.trace_report on the batch-256 JAX trace (also into suite.log).
 # Files (the device tool returns at most 8): suite.log, b256.json, b128.json, results.md,
 # b256_jax_cached.trace.json.gz, b256_jax_cached.hlo.txt.gz, evaluate.log.
 # Python packages missing on the GPU machine (ml_collections, open_clip and its ftfy/wcwidth)
@@ -77,6 +78,11 @@ run_batch 256 $(( ($(left) - EVAL_S) * SHARE256 / 100 )) --trace "$OUT_DIR/b256_
 run_batch 128 $(( $(left) - EVAL_S ))
 "$PY" -m benchmarks.suite_report "$OUT_DIR"/b256.json "$OUT_DIR"/b128.json \
   --markdown "$OUT_DIR/results.md" >>"$LOG" 2>&1
+# Where the profiled JAX step's time goes (model parts, kernel categories): into suite.log.
+if [ -f "$OUT_DIR/b256_jax_cached.trace.json.gz" ]; then
+  "$PY" -m benchmarks.trace_report "$OUT_DIR/b256_jax_cached" >>"$LOG" 2>&1
+  note "trace_report exit $?"
+fi
 
 if [ "$EVAL_S" -gt 0 ]; then
   EVAL_ARGS=()

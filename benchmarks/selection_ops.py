@@ -57,7 +57,7 @@ def main(argv=None) -> list[tuple[str, float, float]]:
   args = parser.parse_args(argv)
   rng = np.random.default_rng(0)
   rows = []
-  # Item lengths as in COCO's regions: mostly full, some short.
+  # Item lengths from 10 positions (or fewer, for tiny sizes) up to the full width.
   lengths = jnp.asarray(rng.integers(min(10, args.regions), args.regions + 1,
                                      size=args.batch_size))
   for dtype in (jnp.float32, jnp.bfloat16):

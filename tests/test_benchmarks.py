@@ -6,6 +6,7 @@ import json
 import pytest
 
 from benchmarks import selection_ops
+from benchmarks import trace_report
 from benchmarks import train_step
 
 
@@ -40,3 +41,35 @@ def test_selection_ops_benchmark_runs(capsys):
                              '--repeats', '1'])
   assert len(rows) == 3 and all(before > 0 and after > 0 for _, before, after in rows)
   assert '| operation | earlier form ms | current ms | speed-up |' in capsys.readouterr().out
+
+
+def test_trace_report_attributes_kernels_to_model_parts():
+  hlo = '\n'.join([
+      '  %loop_add_fusion.7 = bf16[8,4]{1,0} fusion(%p0, %p1), kind=kLoop, calls=%f, '
+      'metadata={op_name="jit(<lambda>)/AAHR/AAHR.encode_captions/txt/bert/encoder/add"}',
+      '  ROOT %input_reduce_fusion.2 = f32[8]{0} fusion(%a), kind=kInput, calls=%g, metadata={'
+      'op_name="jit(<lambda>)/transpose(jvp(AAHR))/AAHR.encode_images/img/while/body/fc/reduce_sum"}',
+      '  %sort.3.0 = s32[8,4]{1,0} sort(%x), dimensions={1}, to_apply=%cmp',
+  ])
+  device = lambda name, ts, dur, tid=1: {'ph': 'X', 'pid': 7, 'tid': tid, 'name': name,
+                                         'ts': ts, 'dur': dur}
+  trace = {'traceEvents': [
+      {'ph': 'M', 'pid': 7, 'name': 'process_name', 'args': {'name': '/device:GPU:0'}},
+      {'ph': 'M', 'pid': 9, 'name': 'process_name', 'args': {'name': '/host:CPU'}},
+      {'ph': 'X', 'pid': 9, 'tid': 1, 'name': 'loop_add_fusion_7', 'ts': 0, 'dur': 999},
+      device('loop_add_fusion_7', 0, 10), device('nvjet_sm90_gemm', 10, 30),
+      device('input_reduce_fusion_2', 40, 20), device('memcpy128', 60, 4),
+      device('sort_3_0', 64, 6), device('nvjet_sm90_gemm', 0, 8, tid=2),  # another stream
+  ]}
+  result = trace_report.analyse(trace, hlo, steps=2, depth=3)
+  assert result['kernels_per_step'] == 3 and result['busy_ms'] == 78 / 2 / 1e3
+  scope = {k: v * 2e3 for k, v in result['by_scope_ms'].items()}  # back to microseconds
+  assert scope == pytest.approx({'FWD AAHR.encode_captions/txt/bert': 10,
+                   'FWD AAHR.encode_captions/txt/bert [after]': 30,
+                   'BWD AAHR.encode_images/img/fc': 20,
+                   'BWD AAHR.encode_images/img/fc [after]': 4 + 6,  # the sort has no op_name
+                   '(unattributed) [after]': 8})
+  category = {k: v * 2e3 for k, v in result['by_category_ms'].items()}
+  assert category == pytest.approx({'gemm (library)': 38, 'elementwise fusion': 10,
+                                    'reduction / transpose fusion': 20, 'copy / memset': 4,
+                                    'sort': 6})
