@@ -64,7 +64,6 @@ def test_mesh_errors_name_the_problem():
     sharding.create_mesh((('data', 3),))
 
 
-@pytest.mark.slow
 def test_prefetch_to_device_keeps_order_and_reads_only_size_ahead():
   pulled = []
 
@@ -80,6 +79,7 @@ def test_prefetch_to_device_keeps_order_and_reads_only_size_ahead():
   assert list(sharding.prefetch_to_device(iter([]), lambda i: i)) == []
 
 
+@pytest.mark.slow
 def test_losses_and_params_equal_on_1_8_and_data_x_fsdp(scaling_dir):
   data = str(scaling_dir / 'data')
   reference = str(scaling_dir / 'ref8')
