@@ -14,7 +14,8 @@
 # 190 s (2026-11-27), so nothing is compiled in parallel. Variants run in the order given; one
 # that would not fit in what is left of its batch's time is skipped and the table says so.
 # Compilation caches live in $CACHE: a rerun on the same machine starts in seconds.
-# First benchmarks.selection_ops (one minute at most; its table goes to suite.log), last
+# First benchmarks.selection_ops and benchmarks.bert_layer (under two minutes; their tables go
+# to suite.log), last
 # benchmarks.trace_report on the batch-256 JAX trace (also into suite.log).
 # Files (the device tool returns at most 8): suite.log, b256.json, b128.json, results.md,
 # b256_jax_cached.trace.json.gz, b256_jax_cached.hlo.txt.gz, evaluate.log.
@@ -73,6 +74,12 @@ SEL_ARGS=()
 [ "$TINY" = 1 ] && SEL_ARGS=(--batch_size 16 --dim 64 --repeats 2)
 timeout --signal=KILL 60 "$PY" -m benchmarks.selection_ops "${SEL_ARGS[@]}" >>"$LOG" 2>&1
 note "selection_ops exit $?"
+# One BERT-base layer's forward + backward with the step's LayerNorm / GELU against flax's and
+# jax's forms: bytes kept for the backward pass and time (about 15 s; suite.log).
+LAYER_ARGS=()
+[ "$TINY" = 1 ] && LAYER_ARGS=(--batch_size 4 --tokens 8 --hidden 64 --repeats 2)
+timeout --signal=KILL 45 "$PY" -m benchmarks.bert_layer "${LAYER_ARGS[@]}" >>"$LOG" 2>&1
+note "bert_layer exit $?"
 
 run_batch 256 $(( ($(left) - EVAL_S) * SHARE256 / 100 )) --trace "$OUT_DIR/b256_jax_cached"
 run_batch 128 $(( $(left) - EVAL_S ))

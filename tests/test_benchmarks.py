@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from benchmarks import bert_layer
 from benchmarks import selection_ops
 from benchmarks import trace_report
 from benchmarks import train_step
@@ -41,6 +42,14 @@ def test_selection_ops_benchmark_runs(capsys):
                              '--repeats', '1'])
   assert len(rows) == 3 and all(before > 0 and after > 0 for _, before, after in rows)
   assert '| operation | earlier form ms | current ms | speed-up |' in capsys.readouterr().out
+
+
+def test_bert_layer_benchmark_runs(capsys):
+  results = bert_layer.main(['--batch_size', '4', '--tokens', '8', '--hidden', '64',
+                             '--dtype', 'float32', '--repeats', '1'])
+  assert set(results) == {'earlier form', 'current'}
+  assert all(saved > 0 and ms > 0 for saved, ms in results.values())
+  assert '| form | saved for backward MB | forward+backward ms |' in capsys.readouterr().out
 
 
 def test_trace_report_attributes_kernels_to_model_parts():

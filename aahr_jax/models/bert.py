@@ -18,10 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from aahr_jax.models import layers
+
 # Activations by their HF config name. HF's "gelu" is the exact erf form; jax.nn.gelu defaults
 # to the tanh approximation, which is HF's "gelu_new".
 ACTIVATIONS = {
-    'gelu': lambda x: jax.nn.gelu(x, approximate=False),
+    'gelu': layers.gelu_exact,  # jax.nn.gelu(approximate=False) with a lean backward pass
     'gelu_new': lambda x: jax.nn.gelu(x, approximate=True),
     'gelu_pytorch_tanh': lambda x: jax.nn.gelu(x, approximate=True),
     'relu': jax.nn.relu,
@@ -77,9 +79,9 @@ def _dense(features: int, dtype: Any, name: str) -> nn.Dense:
   return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
-def _layer_norm(config: BertConfig, dtype: Any, name: str) -> nn.LayerNorm:
+def _layer_norm(config: BertConfig, dtype: Any, name: str) -> layers.LayerNorm:
   # Flax's default epsilon (1e-6) differs from BERT's 1e-12: always pass the config value.
-  return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=jnp.float32,
+  return layers.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=jnp.float32,
                       name=name)
 
 

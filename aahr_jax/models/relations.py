@@ -263,8 +263,9 @@ class TransformerEncoderLayer(nn.Module):
     d_model = x.shape[-1]
     ff_dim = self.ff_dim or d_model
     dropout = lambda t: nn.Dropout(self.dropout_rate)(t, deterministic=deterministic)
-    layer_norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, use_fast_variance=False,
-                                           dtype=self.dtype, name=name)
+    layer_norm = lambda name: layers.LayerNorm(epsilon=self.layer_norm_eps,
+                                               use_fast_variance=False, dtype=self.dtype,
+                                               name=name)
     linear = lambda features, fan_in, name: nn.Dense(
         features, kernel_init=torch_linear_kernel_init, bias_init=torch_linear_bias_init(fan_in),
         precision=self.precision, dtype=self.dtype, name=name)

@@ -1,0 +1,116 @@
+"""LayerNorm and exact GELU with hand-written backward passes (aahr_jax/models/layers.py):
+the same values and gradients as flax's nn.LayerNorm and autodiff of jax.nn.gelu, and fewer
+bytes kept for the backward pass of a training BERT layer."""
+
+import contextlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from aahr_jax.models import bert
+from aahr_jax.models import layers
+from benchmarks import bert_layer
+
+
+def _inputs(dtype, shape=(3, 5, 16)):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=shape) * 3 + 1
+  x[0, 0] = 2.5       # a constant row: zero variance (the clipped branch of the fast variance)
+  x[1, 2] = 1e4 + rng.normal(size=shape[-1]) * 1e-2   # large mean, tiny spread
+  scale = rng.normal(size=shape[-1]) + 1
+  bias = rng.normal(size=shape[-1])
+  cotangent = rng.normal(size=shape)
+  return (jnp.asarray(x, dtype), {'params': {'scale': jnp.asarray(scale, jnp.float32),
+                                             'bias': jnp.asarray(bias, jnp.float32)}},
+          jnp.asarray(cotangent, jnp.float32))
+
+
+def _value_and_grads(module, x, params, cotangent):
+  def loss(params, x):
+    y = module.apply(params, x)
+    return jnp.sum(y.astype(jnp.float32) * cotangent), y
+  (_, y), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+  return y, grads
+
+
+@pytest.mark.parametrize('fast_variance', [True, False])
+@pytest.mark.parametrize('in_dtype, out_dtype, rtol', [
+    ('float32', None, 1e-5), ('bfloat16', 'bfloat16', 2e-2), ('bfloat16', None, 2e-2)])
+def test_layer_norm_matches_flax(fast_variance, in_dtype, out_dtype, rtol):
+  x, params, cotangent = _inputs(jnp.dtype(in_dtype))
+  kwargs = dict(epsilon=1e-12, dtype=out_dtype and jnp.dtype(out_dtype),
+                use_fast_variance=fast_variance)
+  y_ref, (dp_ref, dx_ref) = _value_and_grads(nn.LayerNorm(**kwargs), x, params, cotangent)
+  y, (dp, dx) = _value_and_grads(layers.LayerNorm(**kwargs), x, params, cotangent)
+  assert y.dtype == y_ref.dtype and dx.dtype == x.dtype
+  np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
+  # Gradients: the same maths in another order; bf16 inputs get bf16 input gradients.
+  scale_of = lambda g: np.abs(np.asarray(g, np.float32)).max()
+  for mine, ref in [(dx, dx_ref), (dp['params']['scale'], dp_ref['params']['scale']),
+                    (dp['params']['bias'], dp_ref['params']['bias'])]:
+    np.testing.assert_allclose(np.asarray(mine, np.float32), np.asarray(ref, np.float32),
+                               rtol=rtol, atol=rtol * scale_of(ref))
+
+
+def test_layer_norm_float64_and_zero_variance_row():
+  with jax.enable_x64(True):
+    x, params, cotangent = _inputs(jnp.float64)
+    for fast in (True, False):
+      kwargs = dict(epsilon=1e-5, use_fast_variance=fast)
+      y_ref, (dp_ref, dx_ref) = _value_and_grads(nn.LayerNorm(**kwargs), x, params, cotangent)
+      y, (dp, dx) = _value_and_grads(layers.LayerNorm(**kwargs), x, params, cotangent)
+      assert y.dtype == jnp.float64
+      np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-13, atol=1e-13)
+      # 1e-7: the large-mean row's fast variance cancels about 8 of float64's 16 digits.
+      np.testing.assert_allclose(np.asarray(dx), np.asarray(dx_ref), rtol=1e-7, atol=1e-9)
+      np.testing.assert_allclose(np.asarray(dp['params']['scale']),
+                                 np.asarray(dp_ref['params']['scale']), rtol=1e-9, atol=1e-9)
+      # The constant row normalises to the bias; its input gradient is cotangent * scale
+      # minus its mean, times 1/sqrt(eps) (no variance path), as autodiff gives.
+      np.testing.assert_allclose(np.asarray(y[0, 0]), np.asarray(params['params']['bias']),
+                                 atol=1e-12)
+
+
+def test_layer_norm_keeps_parameter_names_and_init():
+  x = jnp.ones((2, 7))
+  ours = layers.LayerNorm().init(jax.random.key(0), x)
+  theirs = nn.LayerNorm().init(jax.random.key(0), x)
+  assert jax.tree.map(lambda a: (a.shape, a.dtype), ours) == \
+      jax.tree.map(lambda a: (a.shape, a.dtype), theirs)
+  jax.tree.map(np.testing.assert_array_equal, ours, theirs)
+
+
+@pytest.mark.parametrize('dtype, rtol', [('float32', 1e-6), ('bfloat16', 1e-2)])
+def test_gelu_exact_matches_jax(dtype, rtol):
+  x = jnp.asarray(np.linspace(-9, 9, 1001), jnp.dtype(dtype))
+  np.testing.assert_array_equal(np.asarray(layers.gelu_exact(x), np.float32),
+                                np.asarray(jax.nn.gelu(x, approximate=False), np.float32))
+  grad = jax.grad(lambda t: layers.gelu_exact(t).astype(jnp.float32).sum())(x)
+  # Reference: autodiff of jax's GELU in float32 (ours computes its derivative in float32).
+  ref = jax.grad(lambda t: jax.nn.gelu(t, approximate=False).sum())(x.astype(jnp.float32))
+  assert grad.dtype == x.dtype
+  np.testing.assert_allclose(np.asarray(grad, np.float32), np.asarray(ref), rtol=rtol,
+                             atol=rtol)
+
+
+def test_bert_layer_saves_fewer_bytes_for_backward_with_same_gradients():
+  config = bert.BertConfig(hidden_size=64, intermediate_size=256, num_attention_heads=4)
+  results = bert_layer.measure(config, batch_size=16, tokens=16, dtype=jnp.bfloat16, repeats=0)
+  before, after = results['earlier form'][0], results['current'][0]
+  assert after < 0.7 * before, results
+  # Same layer, same dropout draws: the gradients agree to float32 round-off.
+  grads = {}
+  for name, context in (('before', bert_layer.earlier_forms), ('after', contextlib.nullcontext)):
+    with context():
+      loss, params, x = bert_layer.layer_loss_and_inputs(config, 4, 8, jnp.float32)
+      grads[name] = jax.grad(loss, argnums=(0, 1))(params, x)
+  flat_before = jax.tree_util.tree_flatten_with_path(grads['before'])[0]
+  flat_after = jax.tree.leaves(grads['after'])
+  for (path, b), a in zip(flat_before, flat_after):
+    if 'key' in jax.tree_util.keystr(path) and 'bias' in jax.tree_util.keystr(path):
+      continue  # analytically zero (softmax ignores a per-query constant): round-off only
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                               atol=1e-5 * np.abs(np.asarray(b)).max())
