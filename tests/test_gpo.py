@@ -104,3 +104,41 @@ def test_maxk_matches_top_k_in_values_and_gradients_with_ties():
   bf16_lengths = np.array([9, 4, 1])
   np.testing.assert_array_equal(np.asarray(pooling.maxk_pool(bf16, bf16_lengths, 2)),
                                 np.asarray(selection_ops.maxk_pool_top_k(bf16, bf16_lengths, 2)))
+
+
+def _cosine_logits_normalised_first(keys, query):
+  """The textbook form: unit-norm keys in float32, then the dot with the query."""
+  k = pooling.unit_rows(keys.astype(np.float32))
+  return jax.numpy.einsum('bshd,bhd->bhs', k, query, precision=jax.lax.Precision.HIGHEST)
+
+
+def test_gglp_cosine_logits_match_normalising_first_in_values_and_gradients():
+  rng = np.random.default_rng(4)
+  keys = rng.normal(size=(3, 5, 2, 6)) * rng.uniform(0.1, 10, size=(3, 5, 2, 1))
+  query = np.asarray(pooling.unit_rows(rng.normal(size=(3, 2, 6))))
+  cotangent = rng.normal(size=(3, 2, 5))
+  loss = lambda fn: lambda k, q: (fn(k, q) * cotangent).sum()
+  with jax.enable_x64(True):  # float64: the two forms agree to round-off
+    got, got_grads = jax.value_and_grad(loss(pooling.cosine_logits), (0, 1))(keys, query)
+    want, want_grads = jax.value_and_grad(loss(_cosine_logits_normalised_first), (0, 1))(
+        keys, query)
+    assert pooling.cosine_logits(keys, query).dtype == np.float32  # always float32 logits
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for g, w in zip(got_grads, want_grads):
+      assert g.dtype == w.dtype
+      np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+  # bf16 keys (the step's): float32 logits, bf16 key gradients, the same as upcasting first.
+  bf16 = jax.numpy.asarray(keys, jax.numpy.bfloat16)
+  q32 = jax.numpy.asarray(query, jax.numpy.float32)
+  np.testing.assert_allclose(np.asarray(pooling.cosine_logits(bf16, q32)),
+                             np.asarray(_cosine_logits_normalised_first(bf16, q32)), atol=1e-5)
+  d_keys = jax.grad(loss(pooling.cosine_logits))(bf16, q32)
+  want_keys = jax.grad(loss(_cosine_logits_normalised_first))(bf16.astype(np.float32), q32)
+  assert d_keys.dtype == jax.numpy.bfloat16
+  np.testing.assert_allclose(np.asarray(d_keys, np.float32), np.asarray(want_keys),
+                             rtol=1e-2, atol=1e-3)
+  # A zero key (norm below eps) has a finite gradient: the query direction only.
+  zero = keys.copy()
+  zero[0, 0, 0] = 0.0
+  grad = jax.grad(loss(pooling.cosine_logits))(zero.astype(np.float32), q32)
+  assert np.isfinite(np.asarray(grad)).all()
