@@ -6,6 +6,7 @@ import json
 import pytest
 
 from benchmarks import bert_layer
+from benchmarks import residuals
 from benchmarks import selection_ops
 from benchmarks import trace_report
 from benchmarks import train_step
@@ -50,6 +51,18 @@ def test_bert_layer_benchmark_runs(capsys):
   assert set(results) == {'earlier form', 'current'}
   assert all(saved > 0 and ms > 0 for saved, ms in results.values())
   assert '| form | saved for backward MB | forward+backward ms |' in capsys.readouterr().out
+
+
+def test_residuals_report_runs_and_shows_no_flax_layer_norm_intermediates(capsys):
+  report = residuals.main(['--config', 'configs/coco.py', '--tiny', '--batch_size', '8',
+                           '--tokens', '12', '--top', '5'])
+  assert report['total_bytes'] > 0
+  sources = [source for source, _, _ in report['by_source']]
+  assert any('_gelu_exact_fwd' in source for source in sources)
+  assert any('_cosine_logits_fwd' in source for source in sources)
+  # The step's LayerNorms keep their inputs and row statistics only (layers.LayerNorm).
+  assert not any('normalization.py' in source for source in sources)
+  assert '| MB | share | dtype | output of | made at |' in capsys.readouterr().out
 
 
 def test_trace_report_attributes_kernels_to_model_parts():
