@@ -12,7 +12,6 @@ the median time of the compiled forward + backward on the default JAX device (do
 
 import argparse
 import contextlib
-import time
 
 import flax.linen as nn
 import jax
@@ -21,6 +20,7 @@ from jax._src import ad_checkpoint
 import numpy as np
 
 from aahr_jax.models import bert
+from benchmarks import selection_ops
 
 
 @contextlib.contextmanager
@@ -62,16 +62,6 @@ def saved_bytes(loss, params, x) -> int:
   return total
 
 
-def median_ms(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * float(np.median(times))
-
-
 def measure(config: bert.BertConfig, batch_size: int, tokens: int, dtype, repeats: int):
   """{'earlier form': (saved MB, ms), 'current': (saved MB, ms)}; repeats 0 skips timing."""
   results = {}
@@ -82,7 +72,7 @@ def measure(config: bert.BertConfig, batch_size: int, tokens: int, dtype, repeat
       ms = float('nan')
       if repeats:
         step = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile()
-        ms = median_ms(step, params, x, repeats=repeats)
+        ms = selection_ops.median_ms(step, params, x, repeats=repeats)
     results[name] = (saved, ms)
   return results
 

@@ -82,7 +82,7 @@ def _dense(features: int, dtype: Any, name: str) -> nn.Dense:
 def _layer_norm(config: BertConfig, dtype: Any, name: str) -> layers.LayerNorm:
   # Flax's default epsilon (1e-6) differs from BERT's 1e-12: always pass the config value.
   return layers.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=jnp.float32,
-                      name=name)
+                          name=name)
 
 
 class BertEmbeddings(nn.Module):
