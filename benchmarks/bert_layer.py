@@ -16,10 +16,10 @@ import contextlib
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax._src import ad_checkpoint
 import numpy as np
 
 from aahr_jax.models import bert
+from benchmarks import residuals
 from benchmarks import selection_ops
 
 
@@ -55,11 +55,7 @@ def layer_loss_and_inputs(config: bert.BertConfig, batch_size: int, tokens: int,
 
 def saved_bytes(loss, params, x) -> int:
   """Bytes of the intermediates the forward pass saves for the backward pass."""
-  total = 0
-  for aval, source in ad_checkpoint.saved_residuals(loss, params, x):
-    if 'from the argument' not in source:
-      total += int(np.prod(aval.shape)) * jnp.dtype(aval.dtype).itemsize
-  return total
+  return sum(size for *_, size in residuals.residual_rows(loss, params, x))
 
 
 def measure(config: bert.BertConfig, batch_size: int, tokens: int, dtype, repeats: int):

@@ -15,8 +15,7 @@
 # that would not fit in what is left of its batch's time is skipped and the table says so.
 # Compilation caches live in $CACHE: a rerun on the same machine starts in seconds.
 # First benchmarks.selection_ops and benchmarks.bert_layer (under two minutes; their tables go
-# to suite.log), last
-# benchmarks.trace_report on the batch-256 JAX trace (also into suite.log).
+# to suite.log), last benchmarks.trace_report on the batch-256 JAX trace (also into suite.log).
 # Files (the device tool returns at most 8): suite.log, b256.json, b128.json, results.md,
 # b256_jax_cached.trace.json.gz, b256_jax_cached.hlo.txt.gz, evaluate.log.
 # Python packages missing on the GPU machine (ml_collections, open_clip and its ftfy/wcwidth)

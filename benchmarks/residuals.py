@@ -48,6 +48,19 @@ def operation_of(description: str) -> str:
   return match.group(1) if match else '?'
 
 
+def residual_rows(fn, *args) -> list[tuple[str, str, str, int]]:
+  """[(source, operation, dtype, bytes)], one per intermediate that autodiff of fn(*args)
+  saves for the backward pass (fn's arguments themselves, kept anyway, left out)."""
+  rows = []
+  for aval, description in ad_checkpoint.saved_residuals(fn, *args):
+    if 'from the argument' in description:
+      continue
+    size = int(np.prod(aval.shape)) * jnp.dtype(aval.dtype).itemsize
+    rows.append((source_of(description), operation_of(description),
+                 jnp.dtype(aval.dtype).name, size))
+  return rows
+
+
 def step_residuals(config, batch_size: int, tokens: int) -> list[tuple[str, str, str, int]]:
   """[(source, operation, dtype, bytes)] of the query encoders' forward, one per residual."""
   model = aahr.build_model(config.model, config.dtype)
@@ -65,14 +78,7 @@ def step_residuals(config, batch_size: int, tokens: int) -> list[tuple[str, str,
     return sum(jnp.sum(out[k].astype(jnp.float32))
                for k in ('img_emb', 'cap_emb', 'img_prefusion', 'cap_prefusion'))
 
-  rows = []
-  for aval, description in ad_checkpoint.saved_residuals(loss, params):
-    if 'from the argument' in description:
-      continue  # parameters and inputs: kept anyway
-    size = int(np.prod(aval.shape)) * jnp.dtype(aval.dtype).itemsize
-    rows.append((source_of(description), operation_of(description),
-                 jnp.dtype(aval.dtype).name, size))
-  return rows
+  return residual_rows(loss, params)
 
 
 def main(argv=None) -> dict:

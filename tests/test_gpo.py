@@ -118,7 +118,7 @@ def test_gglp_cosine_logits_match_normalising_first_in_values_and_gradients():
   query = np.asarray(pooling.unit_rows(rng.normal(size=(3, 2, 6))))
   cotangent = rng.normal(size=(3, 2, 5))
   loss = lambda fn: lambda k, q: (fn(k, q) * cotangent).sum()
-  with jax.enable_x64(True):  # float64: the two forms agree to round-off
+  with jax.enable_x64(True):  # float64 inputs; both forms compute in float32
     got, got_grads = jax.value_and_grad(loss(pooling.cosine_logits), (0, 1))(keys, query)
     want, want_grads = jax.value_and_grad(loss(_cosine_logits_normalised_first), (0, 1))(
         keys, query)

@@ -68,8 +68,8 @@ def test_layer_norm_float64_and_zero_variance_row():
       np.testing.assert_allclose(np.asarray(dx), np.asarray(dx_ref), rtol=1e-7, atol=1e-9)
       np.testing.assert_allclose(np.asarray(dp['params']['scale']),
                                  np.asarray(dp_ref['params']['scale']), rtol=1e-9, atol=1e-9)
-      # The constant row normalises to the bias; its input gradient is cotangent * scale
-      # minus its mean, times 1/sqrt(eps) (no variance path), as autodiff gives.
+      # The constant row (zero variance) normalises to the bias; its gradients are among those
+      # compared with autodiff above.
       np.testing.assert_allclose(np.asarray(y[0, 0]), np.asarray(params['params']['bias']),
                                  atol=1e-12)
 

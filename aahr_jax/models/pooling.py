@@ -175,9 +175,10 @@ def _cosine_logits_bwd(eps, residuals, cotangent):
   denom = jnp.maximum(norms, eps)
   # Through the norm only where it exceeds eps (autodiff of jnp.maximum: 1/2 at a tie).
   through = jnp.where(norms > eps, 1.0, jnp.where(norms == eps, 0.5, 0.0))
-  along_keys = -g * dots / jnp.square(denom) * through / jnp.where(norms > 0, norms, 1.0)
-  d_keys = (g / denom)[..., None] * query[:, None] + along_keys[..., None] * k
-  d_query = jnp.sum((g / denom)[..., None] * k, axis=1)           # a fused reduction, exact
+  along_query = g / denom
+  along_keys = -along_query * dots / denom * through / jnp.where(norms > 0, norms, 1.0)
+  d_keys = along_query[..., None] * query[:, None] + along_keys[..., None] * k
+  d_query = jnp.sum(along_query[..., None] * k, axis=1)           # a fused reduction, exact
   return d_keys.astype(keys.dtype), d_query.astype(query.dtype)
 
 
