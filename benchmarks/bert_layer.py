@@ -1,13 +1,15 @@
-"""One training BERT layer with the step's LayerNorm and GELU against flax's / jax's forms.
+"""One training BERT layer with the step's LayerNorm, GELU and dropout against flax's / jax's.
 
   python -m benchmarks.bert_layer [--batch_size 256] [--tokens 32] [--dtype bfloat16]
 
 The step's BERT uses `aahr_jax.models.layers.LayerNorm` and `gelu_exact`, whose backward
-passes keep only their inputs and per-row statistics; the earlier form (flax's nn.LayerNorm,
-autodiff of jax.nn.gelu) keeps several full-size intermediates. For one BERT-base layer in
-training mode (dropout on) at the COCO step's shapes this prints, for both forms, the bytes the
-forward pass saves for the backward pass (what autodiff keeps, before XLA's own choices) and
-the median time of the compiled forward + backward on the default JAX device (docs/performance.md).
+passes keep only their inputs and per-row statistics, and `layers.Dropout`, four 16-bit keep
+draws per threefry hash; the earlier form (flax's nn.LayerNorm and nn.Dropout, autodiff of
+jax.nn.gelu) keeps several full-size intermediates and hashes once per element. For one
+BERT-base layer in training mode (dropout on) at the COCO step's shapes this prints, for both
+forms, the bytes the forward pass saves for the backward pass (what autodiff keeps, before
+XLA's own choices) and the median time of the compiled forward + backward on the default JAX
+device (docs/performance.md).
 """
 
 import argparse
@@ -19,21 +21,25 @@ import jax.numpy as jnp
 import numpy as np
 
 from aahr_jax.models import bert
+from aahr_jax.models import layers
 from benchmarks import residuals
 from benchmarks import selection_ops
 
 
 @contextlib.contextmanager
-def earlier_forms():
-  """Inside: BERT modules built with nn.LayerNorm and autodiff of jax.nn.gelu (trace here)."""
-  saved_norm, saved_gelu = bert._layer_norm, bert.ACTIVATIONS['gelu']  # pylint: disable=protected-access
+def earlier_forms(dropout: bool = True):
+  """Inside: BERT modules built with nn.LayerNorm, autodiff of jax.nn.gelu and (if `dropout`)
+  nn.Dropout (trace here). dropout=False keeps the current draws, to compare gradients."""
+  saved = bert._layer_norm, bert.ACTIVATIONS['gelu'], layers.Dropout  # pylint: disable=protected-access
   bert._layer_norm = lambda config, dtype, name: nn.LayerNorm(  # pylint: disable=protected-access
       epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=jnp.float32, name=name)
   bert.ACTIVATIONS['gelu'] = lambda x: jax.nn.gelu(x, approximate=False)
+  if dropout:
+    layers.Dropout = nn.Dropout
   try:
     yield
   finally:
-    bert._layer_norm, bert.ACTIVATIONS['gelu'] = saved_norm, saved_gelu  # pylint: disable=protected-access
+    bert._layer_norm, bert.ACTIVATIONS['gelu'], layers.Dropout = saved  # pylint: disable=protected-access
 
 
 def layer_loss_and_inputs(config: bert.BertConfig, batch_size: int, tokens: int, dtype):

@@ -4,7 +4,9 @@
 
 Reads what `benchmarks.train_step --trace PREFIX` writes: PREFIX.trace.json.gz (a jax.profiler
 trace of `--steps` steps) and PREFIX.hlo.txt.gz (the optimised HLO of the step). Each device
-kernel is matched to its HLO instruction by name (`loop_add_fusion_7` is `%loop_add_fusion.7`),
+kernel is matched to its HLO instruction by name (`loop_add_fusion_7` is `%loop_add_fusion.7`;
+on the CPU, where the trace has no device, the thunks XLA's CPU runtime records on the host
+threads, `add_fusion.7`, play the kernels' part; `ynn_fusion`s there are XNNPACK matmuls),
 whose `op_name` metadata names the model scope (Flax module path, `transpose(jvp(...))` for the
 backward pass). Library GEMM kernels (cuBLAS) and copies carry no HLO name inside XLA's command
 buffers; they are attributed to the scope of the kernel that ran just before them on the same
@@ -22,7 +24,7 @@ import re
 _WRAPPERS = re.compile(r'^(jvp\(.*\)|transpose\(.*\)|while|body|cond|branch_\d+_fun|scan|'
                        r'eval_jaxpr|closed_call|checkpoint|remat|rematted_computation|'
                        r'jit\(<lambda>\)|jit\(main\)|pjit)$')
-_GEMM = re.compile(r'nvjet|gemm|cutlass|xmma|cublas', re.IGNORECASE)
+_GEMM = re.compile(r'nvjet|gemm|cutlass|xmma|cublas|^ynn_fusion', re.IGNORECASE)
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = (.*)$', re.M)
 
 
@@ -66,6 +68,8 @@ def category(name: str, info) -> str:
   kind = info[1]
   if name.startswith('gemm_fusion'):  # Triton GEMMs with fused operands / epilogues
     return 'gemm (XLA fusion)'
+  if name.startswith('ynn_fusion'):  # the CPU's XNNPACK dots, with fused operands
+    return 'gemm (XNNPACK fusion)'
   if kind == 'sort' or name.startswith('sort'):
     return 'sort'
   return {'kLoop': 'elementwise fusion', 'kInput': 'reduction / transpose fusion'}.get(
@@ -81,9 +85,23 @@ def device_kernels(trace: dict) -> list[dict]:
   return sorted(events, key=lambda e: (e.get('tid'), e['ts']))
 
 
+# Thunks that only run other thunks (recorded as well): counted through their contents.
+_CPU_CONTAINERS = ('while', 'conditional', 'call')
+
+
+def cpu_thunks(trace: dict, table: dict) -> list[dict]:
+  """A CPU trace's thunk events (host threads, named after their HLO instruction), renamed
+  to the kernel-name form; sorted like device kernels. Library calls are named, so none is
+  attributed `[after]`."""
+  events = [dict(e, name=kernel_key(e['name'])) for e in trace['traceEvents']
+            if e.get('ph') == 'X' and kernel_key(str(e.get('name', ''))) in table
+            and table[kernel_key(e['name'])][1] not in _CPU_CONTAINERS]
+  return sorted(events, key=lambda e: (e.get('tid'), e['ts']))
+
+
 def analyse(trace: dict, hlo_text: str, steps: int, depth: int) -> dict:
   table = parse_hlo(hlo_text)
-  kernels = device_kernels(trace)
+  kernels = device_kernels(trace) or cpu_thunks(trace, table)
   by_scope, by_category, by_kernel = (collections.Counter() for _ in range(3))
   last_scope = {}
   for event in kernels:
@@ -136,7 +154,7 @@ def main(argv=None) -> dict:
                      'files with `python -m benchmarks.train_step ... --trace PREFIX`') from e
   result = analyse(trace, hlo_text, args.steps, args.depth)
   if not result['kernels_per_step']:
-    print('no device kernels in the trace (a CPU run traces host threads only)')
+    print('no kernels in the trace that match the HLO (wrong --steps or files of two runs?)')
     return result
   print(format_report(result, args.top))
   return result

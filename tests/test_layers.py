@@ -1,6 +1,7 @@
 """LayerNorm and exact GELU with hand-written backward passes (aahr_jax/models/layers.py):
 the same values and gradients as flax's nn.LayerNorm and autodiff of jax.nn.gelu, and fewer
-bytes kept for the backward pass of a training BERT layer."""
+bytes kept for the backward pass of a training BERT layer. Dropout with 16-bit keep draws:
+the keep rate, unbiased scaling, independence of neighbouring draws, and its edge cases."""
 
 import contextlib
 
@@ -103,7 +104,8 @@ def test_bert_layer_saves_fewer_bytes_for_backward_with_same_gradients():
   assert after < 0.7 * before, results
   # Same layer, same dropout draws: the gradients agree to float32 round-off.
   grads = {}
-  for name, context in (('before', bert_layer.earlier_forms), ('after', contextlib.nullcontext)):
+  for name, context in (('before', lambda: bert_layer.earlier_forms(dropout=False)),
+                        ('after', contextlib.nullcontext)):
     with context():
       loss, params, x = bert_layer.layer_loss_and_inputs(config, 4, 8, jnp.float32)
       grads[name] = jax.grad(loss, argnums=(0, 1))(params, x)
@@ -114,3 +116,53 @@ def test_bert_layer_saves_fewer_bytes_for_backward_with_same_gradients():
       continue  # analytically zero (softmax ignores a per-query constant): round-off only
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
                                atol=1e-5 * np.abs(np.asarray(b)).max())
+
+
+def _dropout(rate, x, key, deterministic=False):
+  return layers.Dropout(rate).apply({}, x, deterministic, rngs={'dropout': key})
+
+
+def test_dropout_keep_rate_scaling_and_independent_neighbours():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(64, 33, 97)), jnp.float32)
+  y = _dropout(0.1, x, jax.random.key(1))
+  kept = np.asarray(y != 0)
+  exact_keep = 58982 / 65536
+  n = kept.size
+  # Keep rate within 5 standard deviations of the quantised keep probability.
+  assert abs(kept.mean() - exact_keep) < 5 * np.sqrt(exact_keep * (1 - exact_keep) / n)
+  np.testing.assert_allclose(np.asarray(y)[kept], np.asarray(x)[kept] / exact_keep, rtol=1e-6)
+  # Neighbours share a hash (four 16-bit draws each) or a row boundary: no correlation.
+  flat = kept.reshape(-1).astype(np.float64)
+  for lag in (1, 2, 3, 4, 97):
+    corr = np.corrcoef(flat[:-lag], flat[lag:])[0, 1]
+    assert abs(corr) < 5 / np.sqrt(n), (lag, corr)
+  # Rows differ, the same key repeats, another key differs.
+  assert not np.array_equal(kept[0], kept[1])
+  np.testing.assert_array_equal(np.asarray(_dropout(0.1, x, jax.random.key(1))), np.asarray(y))
+  assert not np.array_equal(np.asarray(_dropout(0.1, x, jax.random.key(2))), np.asarray(y))
+  # The gradient is the scaled mask.
+  grad = jax.grad(lambda t: _dropout(0.1, t, jax.random.key(1)).sum())(x)
+  np.testing.assert_allclose(np.asarray(grad), kept / exact_keep, rtol=1e-6)
+
+
+def test_dropout_bfloat16_scales_in_float32_and_edge_cases():
+  x = jnp.full((8, 300), 1.7, jnp.bfloat16)
+  y = _dropout(0.1, x, jax.random.key(0))
+  assert y.dtype == jnp.bfloat16
+  kept_values = np.unique(np.asarray(y, np.float32)[np.asarray(y != 0)])
+  np.testing.assert_array_equal(kept_values,
+                                np.asarray(jnp.asarray(1.7 * 65536 / 58982, jnp.bfloat16),
+                                           np.float32)[None])
+  key = jax.random.key(3)
+  np.testing.assert_array_equal(np.asarray(_dropout(0.1, x, key, deterministic=True)),
+                                np.asarray(x))
+  np.testing.assert_array_equal(np.asarray(_dropout(0.0, x, key)), np.asarray(x))
+  assert not np.asarray(_dropout(1.0, x, key)).any()
+  with pytest.raises(ValueError, match='rate must be in'):
+    _dropout(1.5, x, key)
+  # A scalar, a last axis of one element, a raw uint32 key, and a non-threefry key.
+  assert _dropout(0.5, jnp.float32(2.0), key).shape == ()
+  assert _dropout(0.5, jnp.ones((5, 1)), jax.random.PRNGKey(0)).shape == (5, 1)
+  rbg = jax.random.key(0, impl='rbg')
+  mask, exact_keep = layers.keep_mask(rbg, (200, 100), 0.75)
+  assert exact_keep == 0.75 and abs(float(mask.mean()) - 0.75) < 0.02

@@ -54,4 +54,4 @@ def test_two_processes_match_one_process_on_8_devices(scaling_dir):
                                            scaling_runs.STEPS_PER_EPOCH)
   diff, path = scaling_runs.max_param_diff(ref_params, params)
   print(f"largest parameter difference {diff:.2e} ({path})")
-  assert diff <= 1e-5, (path, diff)
+  assert diff <= scaling_runs.PARAM_ATOL, (path, diff)

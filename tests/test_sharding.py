@@ -101,7 +101,7 @@ def test_losses_and_params_equal_on_1_8_and_data_x_fsdp(scaling_dir):
     diff, path = scaling_runs.max_param_diff(
         ref_params, scaling_runs.restore_params(other, scaling_runs.STEPS_PER_EPOCH))
     print(f"{other}: largest parameter difference {diff:.2e} ({path})")
-    assert diff <= 1e-5, (other, path, diff)
+    assert diff <= scaling_runs.PARAM_ATOL, (other, path, diff)
 
 
 @pytest.mark.slow
@@ -119,7 +119,7 @@ def test_bert_tensor_parallel_on_data_x_model_matches(scaling_dir):
       scaling_runs.restore_params(reference, scaling_runs.STEPS_PER_EPOCH),
       scaling_runs.restore_params(workdir, scaling_runs.STEPS_PER_EPOCH))
   print(f"largest parameter difference {diff:.2e} ({path})")
-  assert diff <= 1e-5, (path, diff)
+  assert diff <= scaling_runs.PARAM_ATOL, (path, diff)
 
 
 @pytest.mark.slow

@@ -97,7 +97,7 @@ class BertEmbeddings(nn.Module):
          + embed(c.max_position_embeddings, 'position_embeddings')(position_ids)
          + embed(c.type_vocab_size, 'token_type_embeddings')(token_type_ids))
     x = _layer_norm(c, self.dtype, 'LayerNorm')(x)
-    return nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
+    return layers.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
 class BertSelfAttention(nn.Module):
@@ -118,7 +118,7 @@ class BertSelfAttention(nn.Module):
     scores = scores.astype(jnp.float32)
     scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    probs = nn.Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+    probs = layers.Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
     context = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
     return context.reshape(context.shape[:-2] + (c.hidden_size,))
 
@@ -132,7 +132,7 @@ class BertResidualOutput(nn.Module):
   def __call__(self, x, residual, deterministic: bool):
     c = self.config
     x = _dense(c.hidden_size, self.dtype, 'dense')(x)
-    x = nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
+    x = layers.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
     return _layer_norm(c, self.dtype, 'LayerNorm')(x + residual)
 
 

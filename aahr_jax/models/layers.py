@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import random as jex_random
 
 
 def torch_bias_init(fan_in: int):
@@ -183,3 +184,89 @@ def _gelu_exact_bwd(x, dy):
 
 
 gelu_exact.defvjp(_gelu_exact_fwd, _gelu_exact_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dropout with 16-bit keep draws. flax's nn.Dropout draws one float32 uniform per element, and
+# JAX's (partitionable) threefry computes one full 2x32-bit hash per element for it: on the CPU
+# the masks were 19% of the demo's training step. Here each hash's 64 output bits give four
+# 16-bit uniforms, as cuRAND's Philox gives four words per call, so the masks cost a quarter of
+# the hashing. The keep probability is quantised to 1/65,536 (rate 0.1 keeps with probability
+# 58,982 / 65,536 = 0.899994) and the kept values are divided by that quantised probability, so
+# the output's expectation is exactly the input.
+# ----------------------------------------------------------------------------------------------
+
+_UNIFORM16 = 1 << 16
+
+
+def _threefry_key_words(key) -> jax.Array | None:
+  """The key's two uint32 words, or None when it is not a threefry key."""
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    if 'threefry' not in str(jax.random.key_impl(key)):
+      return None
+    key = jax.random.key_data(key)
+  return key if key.shape == (2,) and key.dtype == jnp.uint32 else None
+
+
+def keep_mask(key, shape: tuple[int, ...], keep_prob: float) -> tuple[jax.Array, float]:
+  """(bool mask of `shape`, the exact keep probability it was drawn with).
+
+  Element i of the mask (flat, row-major) is 16-bit word i % 4 of the threefry hash of counter
+  (row, i // 4), so values do not depend on how the array is sharded. Keys of another PRNG
+  implementation, and masks of more than 2^32 words, fall back to jax.random.bernoulli.
+  """
+  threshold = min(max(round(keep_prob * _UNIFORM16), 1), _UNIFORM16)
+  exact_keep = threshold / _UNIFORM16
+  words = _threefry_key_words(key)
+  hash_shape = tuple(shape[:-1]) + (-(-shape[-1] // 4),) if shape else (1,)
+  if words is None or math.prod(hash_shape) >= 1 << 32:
+    return jax.random.bernoulli(key, exact_keep, shape), exact_keep
+  # The flat counter as a sum of per-axis iotas: an elementwise expression, partitioned freely.
+  counter = jnp.zeros(hash_shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(len(hash_shape))):
+    counter = counter + jax.lax.broadcasted_iota(jnp.uint32, hash_shape, axis) * np.uint32(stride)
+    stride *= hash_shape[axis]
+  high, low = jex_random.threefry2x32_p.bind(
+      words[0], words[1], jnp.zeros(hash_shape, jnp.uint32), counter)
+  halves = jnp.stack([high >> 16, high & 0xFFFF, low >> 16, low & 0xFFFF], axis=-1)
+  uniform16 = halves.reshape(hash_shape[:-1] + (4 * hash_shape[-1],))
+  uniform16 = uniform16[..., :shape[-1]] if shape else uniform16[0]
+  return uniform16 < np.uint32(threshold), exact_keep
+
+
+class Dropout(nn.Module):
+  """Inverted dropout (nn.Dropout's interface and 'dropout' RNG stream), 16-bit keep draws."""
+  rate: float
+  rng_collection: str = 'dropout'
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    if not 0.0 <= self.rate <= 1.0:
+      raise ValueError(f'Dropout rate must be in [0, 1], got {self.rate}.')
+    if deterministic or self.rate == 0.0:
+      return x
+    if self.rate == 1.0:
+      return jnp.zeros_like(x)
+    mask, exact_keep = keep_mask(self.make_rng(self.rng_collection), x.shape, 1.0 - self.rate)
+    return apply_keep_mask(x, mask, exact_keep)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def apply_keep_mask(x, mask, keep_prob: float):
+  """where(mask, x / keep_prob, 0), scaled in at least float32 (1 / 0.899994 in bfloat16 is
+  0.2% off, as flax's scaling is). The backward pass keeps only the boolean mask; autodiff of
+  `where` would also keep a full-size array of zeros."""
+  wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  return jnp.where(mask, wide / keep_prob, 0.0).astype(x.dtype)
+
+
+def _apply_keep_mask_fwd(x, mask, keep_prob):
+  return apply_keep_mask(x, mask, keep_prob), mask
+
+
+def _apply_keep_mask_bwd(keep_prob, mask, dy):
+  return apply_keep_mask(dy, mask, keep_prob), None
+
+
+apply_keep_mask.defvjp(_apply_keep_mask_fwd, _apply_keep_mask_bwd)

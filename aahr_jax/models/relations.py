@@ -184,7 +184,7 @@ class GraphConvolution(nn.Module):
     """x: [N, in], adjacency: [N, N] -> [N, features]."""
     weight = self.param("weight", nn.initializers.xavier_uniform(), (x.shape[-1], self.features))
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    x = layers.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     support = jnp.matmul(x, weight, precision=self.precision)
     return jnp.matmul(adjacency, support, precision=self.precision) + bias
 
@@ -229,7 +229,7 @@ class MultiheadSelfAttention(nn.Module):
     if additive_mask is not None:
       logits = logits + additive_mask[..., None, :, :].astype(softmax_dtype)
     probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-    probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
+    probs = layers.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
     out = jnp.einsum("...hqk,...khd->...qhd", probs, value, precision=self.precision)
     out = out.reshape(*out.shape[:-2], d_model)
     return nn.Dense(d_model, kernel_init=torch_linear_kernel_init,
@@ -262,7 +262,7 @@ class TransformerEncoderLayer(nn.Module):
                deterministic: bool) -> jax.Array:
     d_model = x.shape[-1]
     ff_dim = self.ff_dim or d_model
-    dropout = lambda t: nn.Dropout(self.dropout_rate)(t, deterministic=deterministic)
+    dropout = lambda t: layers.Dropout(self.dropout_rate)(t, deterministic=deterministic)
     layer_norm = lambda name: layers.LayerNorm(epsilon=self.layer_norm_eps,
                                                use_fast_variance=False, dtype=self.dtype,
                                                name=name)
