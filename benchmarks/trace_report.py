@@ -125,7 +125,8 @@ def analyse(trace: dict, hlo_text: str, steps: int, depth: int) -> dict:
 
 def format_report(result: dict, top: int) -> str:
   busy = result['busy_ms']
-  lines = [f"device busy {busy:.2f} ms per step, {result['kernels_per_step']:.0f} kernels per step"]
+  lines = [f"busy {busy:.2f} ms per step (summed over GPU streams or CPU threads), "
+           f"{result['kernels_per_step']:.0f} kernels per step"]
   for title, key in (('by category', 'by_category_ms'), ('by model part', 'by_scope_ms')):
     lines.append(f'\n{title}:')
     for name, ms in list(result[key].items())[:top]:

@@ -95,3 +95,27 @@ def test_trace_report_attributes_kernels_to_model_parts():
   assert category == pytest.approx({'gemm (library)': 38, 'elementwise fusion': 10,
                                     'reduction / transpose fusion': 20, 'copy / memset': 4,
                                     'sort': 6})
+
+
+def test_trace_report_reads_cpu_thunks_without_counting_containers_twice():
+  hlo = '\n'.join([
+      '  %add_fusion.7 = f32[8,4]{1,0} fusion(%p0, %p1), kind=kLoop, calls=%f, '
+      'metadata={op_name="jit(<lambda>)/AAHR/AAHR.encode_captions/txt/Dropout_0/add"}',
+      '  %ynn_fusion.2 = f32[8,8]{1,0} fusion(%a, %b), kind=kCustom, calls=%g, metadata={'
+      'op_name="jit(<lambda>)/transpose(jvp(AAHR))/AAHR.encode_images/img/fc/dot_general"}',
+      '  %while.5 = (s32[], f32[8]{0}) while(%t), condition=%c, body=%b, '
+      'metadata={op_name="jit(<lambda>)/AAHR/AAHR.encode_images/img/while"}',
+  ])
+  host = lambda name, ts, dur, tid=1: {'ph': 'X', 'pid': 9, 'tid': tid, 'name': name,
+                                       'ts': ts, 'dur': dur}
+  trace = {'traceEvents': [
+      {'ph': 'M', 'pid': 9, 'name': 'process_name', 'args': {'name': '/host:CPU'}},
+      host('ThunkExecutor::Execute', 0, 500), host('while.5', 0, 100),  # holds add_fusion.7
+      host('add_fusion.7', 10, 40), host('ynn_fusion.2', 120, 60, tid=2),
+  ]}
+  result = trace_report.analyse(trace, hlo, steps=1, depth=3)
+  assert result['kernels_per_step'] == 2 and result['busy_ms'] == 100 / 1e3
+  assert result['by_scope_ms'] == pytest.approx({'FWD AAHR.encode_captions/txt/Dropout_0': 0.04,
+                                                 'BWD AAHR.encode_images/img/fc': 0.06})
+  assert result['by_category_ms'] == pytest.approx({'elementwise fusion': 0.04,
+                                                    'gemm (XNNPACK fusion)': 0.06})

@@ -145,6 +145,27 @@ def test_dropout_keep_rate_scaling_and_independent_neighbours():
   np.testing.assert_allclose(np.asarray(grad), kept / exact_keep, rtol=1e-6)
 
 
+def test_keep_mask_draws_are_the_16_bit_words_of_threefry_hashes():
+  key = jax.random.key(7)
+  threshold = 40000  # keep probability 40000 / 65536
+  mask, exact_keep = layers.keep_mask(key, (3, 6), threshold / 65536)
+  assert exact_keep == threshold / 65536
+  words = jax.random.key_data(key)
+  expected = []
+  for row in range(3):
+    for block in range(2):  # ceil(6 / 4) hashes per row, counter = row * 2 + block
+      high, low = jax.extend.random.threefry_2x32(words, jnp.asarray([0, row * 2 + block],
+                                                                      jnp.uint32))
+      high, low = int(high), int(low)
+      expected += [high >> 16, high & 0xFFFF, low >> 16, low & 0xFFFF][:6 - 4 * block]
+  np.testing.assert_array_equal(np.asarray(mask),
+                                np.asarray(expected).reshape(3, 6) < threshold)
+  # Raw uint32 keys take the same path.
+  np.testing.assert_array_equal(
+      np.asarray(layers.keep_mask(jax.random.PRNGKey(7), (3, 6), threshold / 65536)[0]),
+      np.asarray(mask))
+
+
 def test_dropout_bfloat16_scales_in_float32_and_edge_cases():
   x = jnp.full((8, 300), 1.7, jnp.bfloat16)
   y = _dropout(0.1, x, jax.random.key(0))
