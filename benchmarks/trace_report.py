@@ -6,7 +6,8 @@ Reads what `benchmarks.train_step --trace PREFIX` writes: PREFIX.trace.json.gz (
 trace of `--steps` steps) and PREFIX.hlo.txt.gz (the optimised HLO of the step). Each device
 kernel is matched to its HLO instruction by name (`loop_add_fusion_7` is `%loop_add_fusion.7`;
 on the CPU, where the trace has no device, the thunks XLA's CPU runtime records on the host
-threads, `add_fusion.7`, play the kernels' part; `ynn_fusion`s there are XNNPACK matmuls),
+threads, `add_fusion.7`, play the kernels' part; `ynn_fusion`s there are XNNPACK fusions,
+counted as matmuls when their computation holds a dot),
 whose `op_name` metadata names the model scope (Flax module path, `transpose(jvp(...))` for the
 backward pass). Library GEMM kernels (cuBLAS) and copies carry no HLO name inside XLA's command
 buffers; they are attributed to the scope of the kernel that ran just before them on the same
@@ -24,8 +25,9 @@ import re
 _WRAPPERS = re.compile(r'^(jvp\(.*\)|transpose\(.*\)|while|body|cond|branch_\d+_fun|scan|'
                        r'eval_jaxpr|closed_call|checkpoint|remat|rematted_computation|'
                        r'jit\(<lambda>\)|jit\(main\)|pjit)$')
-_GEMM = re.compile(r'nvjet|gemm|cutlass|xmma|cublas|^ynn_fusion', re.IGNORECASE)
+_GEMM = re.compile(r'nvjet|gemm|cutlass|xmma|cublas', re.IGNORECASE)
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = (.*)$', re.M)
+_COMPUTATION = re.compile(r'^%([\w.\-]+) \(.*?\{\n(.*?)\n\}', re.M | re.S)
 
 
 def kernel_key(hlo_name: str) -> str:
@@ -34,18 +36,21 @@ def kernel_key(hlo_name: str) -> str:
 
 
 def parse_hlo(text: str) -> dict:
-  """{kernel name: (op_name or '', fusion kind or opcode, output shape text)}."""
+  """{kernel name: (op_name or '', fusion kind or opcode, output shape text, whether the
+  fusion's computation holds a dot)}."""
+  with_dot = {m.group(1) for m in _COMPUTATION.finditer(text) if ' dot(' in m.group(2)}
   table = {}
   for match in _INSTRUCTION.finditer(text):
     name, rest = match.groups()
     op_name = re.search(r'op_name="([^"]*)"', rest)
     kind = re.search(r'kind=(k\w+)', rest)
     opcode = re.search(r'\s([a-z][\w\-]*)\(', rest)
+    called = re.search(r'calls=%([\w.\-]+)', rest)
     head = rest.split(' fusion(')[0].split(' custom-call(')[0]
     table.setdefault(kernel_key(name), (
         op_name.group(1) if op_name else '',
         kind.group(1) if kind else (opcode.group(1) if opcode else '?'),
-        head[:120]))
+        head[:120], bool(called) and called.group(1) in with_dot))
   return table
 
 
@@ -68,8 +73,10 @@ def category(name: str, info) -> str:
   kind = info[1]
   if name.startswith('gemm_fusion'):  # Triton GEMMs with fused operands / epilogues
     return 'gemm (XLA fusion)'
-  if name.startswith('ynn_fusion'):  # the CPU's XNNPACK dots, with fused operands
-    return 'gemm (XNNPACK fusion)'
+  if name.startswith('ynn_fusion'):  # the CPU's XNNPACK fusions: dots, also reductions
+    return 'gemm (XNNPACK fusion)' if info[3] else 'XNNPACK fusion without a matmul'
+  if kind in ('dot', 'convolution'):  # unfused (the CPU's Eigen matmuls)
+    return 'gemm (dot)'
   if kind == 'sort' or name.startswith('sort'):
     return 'sort'
   return {'kLoop': 'elementwise fusion', 'kInput': 'reduction / transpose fusion'}.get(

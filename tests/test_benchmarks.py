@@ -103,6 +103,14 @@ def test_trace_report_reads_cpu_thunks_without_counting_containers_twice():
       'metadata={op_name="jit(<lambda>)/AAHR/AAHR.encode_captions/txt/Dropout_0/add"}',
       '  %ynn_fusion.2 = f32[8,8]{1,0} fusion(%a, %b), kind=kCustom, calls=%g, metadata={'
       'op_name="jit(<lambda>)/transpose(jvp(AAHR))/AAHR.encode_images/img/fc/dot_general"}',
+      '  %ynn_fusion.3 = f32[8]{0} fusion(%a), kind=kCustom, calls=%h, metadata={'
+      'op_name="jit(<lambda>)/AAHR/AAHR.encode_images/img/reduce_sum"}',
+      '%g (a: f32[8,4], b: f32[4,8]) -> f32[8,8] {',
+      '  ROOT %dot.1 = f32[8,8]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}',
+      '}',
+      '%h (a: f32[8,4]) -> f32[8] {',
+      '  ROOT %reduce.1 = f32[8]{0} reduce(%a, %z), dimensions={1}, to_apply=%add',
+      '}',
       '  %while.5 = (s32[], f32[8]{0}) while(%t), condition=%c, body=%b, '
       'metadata={op_name="jit(<lambda>)/AAHR/AAHR.encode_images/img/while"}',
   ])
@@ -112,10 +120,13 @@ def test_trace_report_reads_cpu_thunks_without_counting_containers_twice():
       {'ph': 'M', 'pid': 9, 'name': 'process_name', 'args': {'name': '/host:CPU'}},
       host('ThunkExecutor::Execute', 0, 500), host('while.5', 0, 100),  # holds add_fusion.7
       host('add_fusion.7', 10, 40), host('ynn_fusion.2', 120, 60, tid=2),
+      host('ynn_fusion.3', 200, 5),
   ]}
   result = trace_report.analyse(trace, hlo, steps=1, depth=3)
-  assert result['kernels_per_step'] == 2 and result['busy_ms'] == 100 / 1e3
+  assert result['kernels_per_step'] == 3 and result['busy_ms'] == 105 / 1e3
   assert result['by_scope_ms'] == pytest.approx({'FWD AAHR.encode_captions/txt/Dropout_0': 0.04,
-                                                 'BWD AAHR.encode_images/img/fc': 0.06})
-  assert result['by_category_ms'] == pytest.approx({'elementwise fusion': 0.04,
-                                                    'gemm (XNNPACK fusion)': 0.06})
+                                                 'BWD AAHR.encode_images/img/fc': 0.06,
+                                                 'FWD AAHR.encode_images/img/reduce_sum': 0.005})
+  assert result['by_category_ms'] == pytest.approx({
+      'elementwise fusion': 0.04, 'gemm (XNNPACK fusion)': 0.06,
+      'XNNPACK fusion without a matmul': 0.005})

@@ -189,11 +189,11 @@ gelu_exact.defvjp(_gelu_exact_fwd, _gelu_exact_bwd)
 # ----------------------------------------------------------------------------------------------
 # Dropout with 16-bit keep draws. flax's nn.Dropout draws one float32 uniform per element, and
 # JAX's (partitionable) threefry computes one full 2x32-bit hash per element for it: on the CPU
-# the masks were 19% of the demo's training step. Here each hash's 64 output bits give four
-# 16-bit uniforms, as cuRAND's Philox gives four words per call, so the masks cost a quarter of
-# the hashing. The keep probability is quantised to 1/65,536 (rate 0.1 keeps with probability
-# 58,982 / 65,536 = 0.899994) and the kept values are divided by that quantised probability, so
-# the output's expectation is exactly the input.
+# dropout was 19% of the busy thread time of the demo's training step. Here each hash's 64
+# output bits give four 16-bit uniforms, as cuRAND's Philox gives four words per call, so the
+# masks cost a quarter of the hashing. The keep probability is quantised to 1/65,536 (rate 0.1
+# keeps with probability 58,982 / 65,536 = 0.899994) and the kept values are divided by that
+# quantised probability, so the output's expectation is exactly the input.
 # ----------------------------------------------------------------------------------------------
 
 _UNIFORM16 = 1 << 16
@@ -211,9 +211,11 @@ def _threefry_key_words(key) -> jax.Array | None:
 def keep_mask(key, shape: tuple[int, ...], keep_prob: float) -> tuple[jax.Array, float]:
   """(bool mask of `shape`, the exact keep probability it was drawn with).
 
-  Element i of the mask (flat, row-major) is 16-bit word i % 4 of the threefry hash of counter
-  (row, i // 4), so values do not depend on how the array is sharded. Keys of another PRNG
-  implementation, and masks of more than 2^32 words, fall back to jax.random.bernoulli.
+  Element [..., j] compares 16-bit word j % 4 (the first output word's high half first) of the
+  threefry hash of counter (0, n) with the threshold, n the row-major index of [..., j // 4] in
+  an array of shape shape[:-1] + (ceil(shape[-1] / 4),): values do not depend on how the
+  array is sharded. Keys of another PRNG implementation, and masks needing 2^32 hashes or
+  more, fall back to jax.random.bernoulli.
   """
   threshold = min(max(round(keep_prob * _UNIFORM16), 1), _UNIFORM16)
   exact_keep = threshold / _UNIFORM16
