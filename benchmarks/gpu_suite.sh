@@ -73,8 +73,8 @@ SEL_ARGS=()
 [ "$TINY" = 1 ] && SEL_ARGS=(--batch_size 16 --dim 64 --repeats 2)
 timeout --signal=KILL 60 "$PY" -m benchmarks.selection_ops "${SEL_ARGS[@]}" >>"$LOG" 2>&1
 note "selection_ops exit $?"
-# One BERT-base layer's forward + backward with the step's LayerNorm / GELU against flax's and
-# jax's forms: bytes kept for the backward pass and time (about 15 s; suite.log).
+# One BERT-base layer's forward + backward with the step's LayerNorm / GELU / dropout against
+# flax's and jax's forms: bytes kept for the backward pass and time (about 15 s; suite.log).
 LAYER_ARGS=()
 [ "$TINY" = 1 ] && LAYER_ARGS=(--batch_size 4 --tokens 8 --hidden 64 --repeats 2)
 timeout --signal=KILL 45 "$PY" -m benchmarks.bert_layer "${LAYER_ARGS[@]}" >>"$LOG" 2>&1

@@ -8,8 +8,8 @@ Traces (no compute, any machine) the query encoders' forward of the AAHR step un
 is written once in the forward pass and read once in the backward pass; on a GPU, where the
 step's non-matmul work is memory-bound, this is the cheapest map of where that traffic comes
 from (docs/performance.md). XLA may still fuse away some entries (a `broadcast_in_dim` of a
-constant, such as the zeros of flax's Dropout, is recomputed for free) and adds buffers of its
-own; the compiled step's buffer totals are `train_step`'s peak memory.
+constant, such as the zeros autodiff keeps for a `where`, is recomputed for free) and adds
+buffers of its own; the compiled step's buffer totals are `train_step`'s peak memory.
 """
 
 import argparse

@@ -98,11 +98,13 @@ _CPU_CONTAINERS = ('while', 'conditional', 'call')
 
 def cpu_thunks(trace: dict, table: dict) -> list[dict]:
   """A CPU trace's thunk events (host threads, named after their HLO instruction), renamed
-  to the kernel-name form; sorted like device kernels. Library calls are named, so none is
-  attributed `[after]`."""
-  events = [dict(e, name=kernel_key(e['name'])) for e in trace['traceEvents']
-            if e.get('ph') == 'X' and kernel_key(str(e.get('name', ''))) in table
-            and table[kernel_key(e['name'])][1] not in _CPU_CONTAINERS]
+  to the kernel-name form; sorted like device kernels. Every thunk is named, so only those
+  whose instruction has no op_name (parameter copies) are attributed `[after]`."""
+  events = []
+  for event in trace['traceEvents']:
+    key = kernel_key(str(event.get('name', '')))
+    if event.get('ph') == 'X' and key in table and table[key][1] not in _CPU_CONTAINERS:
+      events.append(dict(event, name=key))
   return sorted(events, key=lambda e: (e.get('tid'), e['ts']))
 
 
@@ -162,7 +164,7 @@ def main(argv=None) -> dict:
                      'files with `python -m benchmarks.train_step ... --trace PREFIX`') from e
   result = analyse(trace, hlo_text, args.steps, args.depth)
   if not result['kernels_per_step']:
-    print('no kernels in the trace that match the HLO (wrong --steps or files of two runs?)')
+    print('no kernel in the trace matches the HLO: are the two files from the same run?')
     return result
   print(format_report(result, args.top))
   return result

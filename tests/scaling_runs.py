@@ -135,9 +135,9 @@ def restore_params(workdir: str, step: int) -> dict:
 # rounding noise in the update: the relation Transformer's key projection has rows along input
 # directions that are almost constant over its sequence of 2B embeddings (the softmax ignores a
 # shift of every key, so those rows' gradients are sums of terms that cancel), and those
-# elements have differed by up to 2.05e-5 (4 x 2 data x fsdp; other parameters by < 1e-6). A
-# layout bug shows first in the losses, compared to 1e-5 relative, and moves parameters by
-# whole steps.
+# elements have differed by up to 2.05e-5 (4 x 2 data x fsdp; in the 1-device run, at 1.15e-5,
+# every other parameter within 1e-6). A layout bug shows first in the losses, compared to 1e-5
+# relative, and moves parameters by whole steps.
 PARAM_ATOL = 1e-4
 
 
