@@ -32,6 +32,10 @@ _TOP_K = flags.DEFINE_integer('top_k', 10, '--mode search: how many images to li
 _FRESH = flags.DEFINE_bool('fresh', False, '--mode train: start from scratch; refuses a workdir '
                            'that holds a run unless --overwrite is given too.')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'With --fresh: delete the existing run first.')
+_COMPILATION_CACHE = flags.DEFINE_string(
+    'compilation_cache_dir', None, "JAX's persistent compilation cache, so that resumed and "
+    'repeated runs skip compiling (default: $JAX_COMPILATION_CACHE_DIR, else '
+    '~/.cache/aahr_jax/xla, at most 4 GiB); "off" disables it.')
 # Multi-process runs (docs/scaling.md): one command per host / task.
 _DISTRIBUTED = flags.DEFINE_enum(
     'distributed', 'auto', ['auto', 'on', 'off'],
@@ -64,6 +68,8 @@ def main(argv):
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
+  from aahr_jax import compilation_cache  # pylint: disable=import-outside-toplevel
+  compilation_cache.enable(_COMPILATION_CACHE.value)  # before the first compilation
   # Imports after flag parsing keep `--help` fast.
   from aahr_jax import train  # pylint: disable=import-outside-toplevel
   from aahr_jax import eval_modes  # pylint: disable=import-outside-toplevel

@@ -1,8 +1,11 @@
-"""Shared test setup: offline, CPU, repository root importable, the `slow` marker, and the
-session's tiny AAHR reference run (`scaling_dir`)."""
+"""Shared test setup: offline, CPU, repository root importable, the `slow` marker, a compilation
+cache shared by the session's `main.py` processes, and the session's tiny AAHR reference run
+(`scaling_dir`)."""
 
 import os
+import shutil
 import sys
+import tempfile
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
@@ -11,13 +14,30 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
+import jax  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
 
 import scaling_runs  # pylint: disable=wrong-import-position
 
 
+# The `main.py` processes the tests start (resume, preemption, layouts) compile the same steps
+# again and again: they share a cache for the session (main.py reads the variable; set after
+# `import jax`, so this process itself compiles every function, as the benchmarks' compilation
+# counters expect). A developer's own JAX_COMPILATION_CACHE_DIR is left alone.
+_SESSION_CACHE = None
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _SESSION_CACHE = tempfile.mkdtemp(prefix='aahr_test_xla_cache_')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _SESSION_CACHE
+
+
 def pytest_configure(config):
   config.addinivalue_line('markers', 'slow: full-size parity or end-to-end runs (minutes)')
+
+
+def pytest_unconfigure(config):
+  del config
+  if _SESSION_CACHE:
+    shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope='session')

@@ -209,3 +209,37 @@ def test_invalid_config_and_unwritable_workdir(tmp_path):
   blocker.write_text('x')
   unwritable = run(blocker / 'sub')
   assert unwritable.returncode == 2 and 'is not writable' in unwritable.stderr
+
+
+def test_second_run_loads_its_compiled_steps_from_the_cache(tmp_path):
+  """A rerun (or a resume after preemption) compiles nothing the first run compiled, and
+  computes the same losses from the cached executables."""
+  cache = tmp_path / 'xla'
+  first = run(tmp_path / 'a', f'--compilation_cache_dir={cache}', '--config.num_epochs=1')
+  assert first.returncode == 0, first.stderr[-3000:]
+  entries = sorted(os.listdir(cache))
+  assert any(name.startswith('jit_train_step') for name in entries), entries
+  second = run(tmp_path / 'b', f'--compilation_cache_dir={cache}', '--config.num_epochs=1')
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert sorted(os.listdir(cache)) == entries  # every compilation was a cache hit
+  losses = lambda w: {s: m.get('loss') for s, m in scaling_runs.logged_steps(w).items()}
+  assert losses(tmp_path / 'b') == losses(tmp_path / 'a')
+
+
+def test_compilation_cache_flag_and_unusable_directory(tmp_path, monkeypatch, capsys):
+  from aahr_jax import compilation_cache  # pylint: disable=import-outside-toplevel
+  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path / 'env'))
+  assert compilation_cache.resolve(None) == str(tmp_path / 'env')
+  assert compilation_cache.resolve('gs://bucket/xla') == 'gs://bucket/xla'
+  assert compilation_cache.resolve('off') is None
+  monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR')
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'home_cache'))
+  assert compilation_cache.resolve(None) == str(tmp_path / 'home_cache' / 'aahr_jax' / 'xla')
+  blocker = tmp_path / 'file'
+  blocker.write_text('x')
+  try:
+    assert compilation_cache.enable(str(blocker / 'xla')) is None
+    assert jax.config.jax_compilation_cache_dir is None
+    assert 'compilation cache off' in capsys.readouterr().err
+  finally:
+    jax.config.update('jax_compilation_cache_dir', None)
