@@ -34,9 +34,26 @@ def relation_module(config) -> relations.InstanceRelationModule:
       gcn_dropout_rate=r.gcn_dropout, threshold=r.threshold, topk=r.topk,
       mask_weight=r.mask_weight, sigma=r.sigma, kl_temperature=r.kl_temperature,
       fine_grained_mask_padding=r.fine_grained_mask_padding,
-      caption_chunk=r.caption_chunk or None,
+      caption_chunk=caption_chunk(config),
       # Mixed precision: the word-region scores from bf16 operands (fp32 accumulation).
       relevance_matmul_dtype=jnp.bfloat16 if config.dtype == 'bfloat16' else None)
+
+
+def caption_chunk(config) -> int | None:
+  """Captions per pass of the fine-grained relevance (None: all at once).
+
+  config.relation.caption_chunk -1 (auto): cache-sized chunks on the CPU (16 captions at the
+  demo's 64 x 32 x 36), which took a quarter of the all-at-once time there (`python -m
+  benchmarks.selection_ops`); all at once elsewhere (the GPU step was measured that way). The
+  values do not depend on the chunking.
+  """
+  chunk = config.relation.caption_chunk
+  if chunk > 0:
+    return chunk
+  if chunk == 0 or jax.default_backend() != 'cpu':
+    return None
+  return relations.cache_sized_caption_chunk(config.batch_size, config.data.max_len,
+                                             config.data.num_regions)
 
 
 def late_groups(config) -> tuple[tuple[str, int], ...]:

@@ -62,6 +62,10 @@ def problems_of(config) -> list[str]:
                       f'multiple of config.batch_size = {config.batch_size}')
     if not 0 < config.moco.momentum < 1:
       problems.append(f'config.moco.momentum = {config.moco.momentum}: expected (0, 1)')
+    chunk = config.relation.caption_chunk
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < -1:
+      problems.append(f'config.relation.caption_chunk = {chunk!r}: expected -1 (auto), 0 (all '
+                      'captions at once) or a positive number of captions')
     if config.relation.topk > config.data.max_len:
       problems.append(f'config.relation.topk = {config.relation.topk} exceeds config.data.max_len')
   return problems

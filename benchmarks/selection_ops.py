@@ -1,11 +1,14 @@
-"""MaxK pooling and the distance-weighted negative draws against their earlier forms.
+"""MaxK pooling, the negative draws and the word-region relevance against their earlier forms.
 
   python -m benchmarks.selection_ops [--batch_size 256] [--repeats 5]
 
 The step's MaxK pooling (`aahr_jax.models.pooling.maxk_pool`: k rounds of argmax and a masked
 sum) against `lax.top_k` over the position axis, forward and backward at COCO shapes (36
 regions, D = 1024), fp32 and bf16; the step's negative draws (`aahr_jax.losses.draw_negatives`:
-inverse-CDF sampling) against Gumbel-max (`jax.random.categorical`), one B x B draw. Medians of
+inverse-CDF sampling) against Gumbel-max (`jax.random.categorical`), one B x B draw; the relation
+module's fine-grained word-region relevance (`aahr_jax.models.relations.fine_grained_relevance`,
+no gradient) in cache-sized caption chunks (the CPU step's default) against all captions at once
+(the GPU step's), with bf16 operands as in mixed-precision runs. Medians of
 `--repeats` compiled calls on the default JAX device, in one run (docs/performance.md).
 """
 
@@ -19,6 +22,7 @@ import numpy as np
 from aahr_jax import losses
 from aahr_jax.models import layers
 from aahr_jax.models import pooling
+from aahr_jax.models import relations
 
 
 def maxk_pool_top_k(features, lengths, k: int = 2):
@@ -52,7 +56,10 @@ def main(argv=None) -> list[tuple[str, float, float]]:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--batch_size', type=int, default=256)
   parser.add_argument('--regions', type=int, default=36)
+  parser.add_argument('--words', type=int, default=32)
   parser.add_argument('--dim', type=int, default=1024)
+  parser.add_argument('--chunk', type=int, default=None,
+                      help='captions per relevance pass (default: cache_sized_caption_chunk)')
   parser.add_argument('--repeats', type=int, default=5)
   args = parser.parse_args(argv)
   rng = np.random.default_rng(0)
@@ -73,8 +80,20 @@ def main(argv=None) -> list[tuple[str, float, float]]:
                      repeats=args.repeats)
            for fn in (draw_negatives_gumbel, losses.draw_negatives)]
   rows.append((f'negative draw, {args.batch_size} x {args.batch_size}', *timed))
-  print(f'{jax.devices()[0].device_kind}, batch {args.batch_size}, {args.regions} positions, '
-        f'D = {args.dim}')
+  chunk = args.chunk or relations.cache_sized_caption_chunk(args.batch_size, args.words,
+                                                            args.regions)
+  if chunk is not None:
+    regions = jnp.asarray(rng.normal(size=(args.batch_size, args.regions, args.dim)), jnp.bfloat16)
+    words = jnp.asarray(rng.normal(size=(args.batch_size, args.words, args.dim)), jnp.bfloat16)
+    word_lengths = jnp.asarray(rng.integers(min(5, args.words), args.words + 1,
+                                            size=args.batch_size))
+    timed = [median_ms(jax.jit(lambda r, w, n, c=c: relations.fine_grained_relevance(
+                 r, w, n, args.regions, n.max(), caption_chunk=c, matmul_dtype=jnp.bfloat16)),
+                 regions, words, word_lengths, repeats=args.repeats)
+             for c in (None, chunk)]
+    rows.append((f'word-region relevance, {chunk} captions per pass', *timed))
+  print(f'{jax.devices()[0].device_kind}, batch {args.batch_size}, {args.regions} regions, '
+        f'{args.words} words, D = {args.dim}')
   print('| operation | earlier form ms | current ms | speed-up |\n|---|---|---|---|')
   for name, before, after in rows:
     print(f'| {name} | {before:.1f} | {after:.1f} | {before / after:.1f}x |')

@@ -123,7 +123,9 @@ def aahr_config(dataset: str, batch_size: int, nmb_prototypes: int,
   c.relation.norm_input = True
   c.relation.relevance_fn = 'aahr_scan_mean'  # or 'hrem_learned', 'chan_vha'
   c.relation.fine_grained_mask_padding = False
-  c.relation.caption_chunk = 0         # 0: all captions at once; >0 bounds [B,B,L,R] memory
+  # Captions per pass of the word-region relevance: -1 auto (CPU: chunks of ~4 MiB of scores,
+  # several times faster; GPU/TPU: all at once), 0 all at once, >0 this many (bounds memory).
+  c.relation.caption_chunk = -1
 
   c.moco = ml_collections.ConfigDict()
   c.moco.enabled = True

@@ -133,3 +133,46 @@ def test_non_finite_batch_skips_the_update(setup):
   later, metrics = step(new_state, random_batch(config, 21))
   assert int(metrics['skipped']) == 0 and np.isfinite(float(metrics['loss_moco']))
   assert int(later.extra['queue_ptr']) != int(new_state.extra['queue_ptr'])
+
+
+def test_caption_chunks_give_the_same_step(setup):
+  """The fine-grained relevance in caption chunks (the CPU default, here 3 captions with a
+  remainder of 2) gives the same steps: its values are bit-identical (test_aahr_losses), and
+  what consumes them may only be fused differently (loss_reg moved by 1 float32 ulp here)."""
+  from aahr_jax import aahr_step  # pylint: disable=import-outside-toplevel
+  config, state, step = setup
+  chunked_config = tiny_aahr_config()
+  chunked_config.relation.caption_chunk = 3
+  assert aahr_step.caption_chunk(config) is None  # auto: 8 captions fit one cache-sized pass
+  assert aahr_step.caption_chunk(chunked_config) == 3
+  model = aahr.build_model(chunked_config.model)
+  shapes = jax.eval_shape(lambda: state.params)
+  tx, schedule = optim.make_optimizer(chunked_config.optim, shapes, 10,
+                                      late_groups=aahr_step.late_groups(chunked_config))
+  chunked_step = jax.jit(train.make_train_step(model, tx, chunked_config, 10, schedule))
+  whole, chunked = state, state
+  for i in range(4):  # the graph losses start at it = 3
+    batch = random_batch(config, 30 + i)
+    whole, whole_metrics = step(whole, batch)
+    chunked, chunked_metrics = chunked_step(chunked, batch)
+    want = {k: float(v) for k, v in jax.device_get(whole_metrics).items()}
+    got = {k: float(v) for k, v in jax.device_get(chunked_metrics).items()}
+    assert got == pytest.approx(want, rel=1e-6, abs=1e-9), i
+  assert want['loss_graph'] > 0
+  for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(chunked.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+
+
+def test_auto_caption_chunk_is_cache_sized_on_the_cpu():
+  from aahr_jax import aahr_step  # pylint: disable=import-outside-toplevel
+  from aahr_jax import config_checks  # pylint: disable=import-outside-toplevel
+  config = aahr_common.aahr_config('f30k', batch_size=64, nmb_prototypes=6, mask_weight=1.0)
+  config.data.max_len, config.data.num_regions = 32, 36
+  assert config.relation.caption_chunk == -1
+  assert aahr_step.caption_chunk(config) == 16  # 2^20 / (64 x 32 x 36) = 14.2 -> 16
+  config.batch_size = 256
+  assert aahr_step.caption_chunk(config) == 4   # 3.6 -> 4
+  config.relation.caption_chunk = 0
+  assert aahr_step.caption_chunk(config) is None
+  config.relation.caption_chunk = -2
+  assert any('config.relation.caption_chunk = -2' in p for p in config_checks.problems_of(config))

@@ -106,6 +106,18 @@ def _caption_vs_all_images(words_hat: jax.Array, word_valid: jax.Array, word_sel
   return t2i, i2t
 
 
+# Score elements per caption chunk for cache_sized_caption_chunk: 2^20 float32 values (4 MiB)
+# stay in a CPU's cache through the masking, normalisation and max passes over them.
+CHUNK_ELEMENTS = 2**20
+
+
+def cache_sized_caption_chunk(batch: int, words: int, regions: int) -> int | None:
+  """The power of two nearest to CHUNK_ELEMENTS / (batch x words x regions) captions per pass
+  (None: the whole batch at once)."""
+  nearest = 2 ** round(math.log2(max(CHUNK_ELEMENTS / (batch * words * regions), 1.0)))
+  return None if nearest >= batch else nearest
+
+
 def fine_grained_relevance(regions: jax.Array, words: jax.Array, word_lengths: jax.Array,
                            batch_max_regions: jax.Array, batch_max_len: jax.Array, *,
                            topk: int = 10, region_lengths: jax.Array | None = None,
