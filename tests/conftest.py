@@ -1,5 +1,5 @@
 """Shared test setup: offline, CPU, repository root importable, the `slow` marker, a compilation
-cache shared by the session's `main.py` processes, and the session's tiny AAHR reference run
+cache shared by the session's processes, and the session's tiny AAHR reference run
 (`scaling_dir`)."""
 
 import os
@@ -14,20 +14,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-import jax  # pylint: disable=wrong-import-position
-import pytest  # pylint: disable=wrong-import-position
-
-import scaling_runs  # pylint: disable=wrong-import-position
-
-
-# The `main.py` processes the tests start (resume, preemption, layouts) compile the same steps
-# again and again: they share a cache for the session (main.py reads the variable; set after
-# `import jax`, so this process itself compiles every function, as the benchmarks' compilation
-# counters expect). A developer's own JAX_COMPILATION_CACHE_DIR is left alone.
+# Tests compile the same steps again and again, in this process and in the `main.py` processes
+# they start (resume, preemption, layouts): they share one compilation cache for the session
+# (set before JAX is imported; main.py and the subprocesses read the variable). A developer's own
+# JAX_COMPILATION_CACHE_DIR is left alone.
 _SESSION_CACHE = None
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   _SESSION_CACHE = tempfile.mkdtemp(prefix='aahr_test_xla_cache_')
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _SESSION_CACHE
+
+import pytest  # pylint: disable=wrong-import-position
+
+import scaling_runs  # pylint: disable=wrong-import-position
 
 
 def pytest_configure(config):

@@ -237,9 +237,10 @@ def test_compilation_cache_flag_and_unusable_directory(tmp_path, monkeypatch, ca
   assert compilation_cache.resolve(None) == str(tmp_path / 'home_cache' / 'aahr_jax' / 'xla')
   blocker = tmp_path / 'file'
   blocker.write_text('x')
+  session_cache = jax.config.jax_compilation_cache_dir  # conftest's, for this process's tests
   try:
     assert compilation_cache.enable(str(blocker / 'xla')) is None
     assert jax.config.jax_compilation_cache_dir is None
     assert 'compilation cache off' in capsys.readouterr().err
   finally:
-    jax.config.update('jax_compilation_cache_dir', None)
+    jax.config.update('jax_compilation_cache_dir', session_cache)
