@@ -4,6 +4,11 @@ the 2-core CPU; the unrolled BERT-base step takes minutes to compile on a GPU).
 
 The cache is keyed by the program, its shardings, the devices, jax/jaxlib and the XLA flags,
 so an entry is only reused for the same computation: results are those of a fresh compile.
+XLA:CPU also checks, when it loads an entry, that the host has every CPU feature the entry was
+compiled for (an entry from another machine type is rejected and compiled again, never run).
+On some Intel CPUs jax 0.9-0.10 rejects every CPU entry that way (jax-ml/jax#38445, logged as
+"Target machine feature +prefer-no-gather is not supported"): the cache then never hits on the
+CPU there, and costs only the writes.
 JAX writes entries from process 0 only: multi-host runs share one directory (on the bucket mount
 of a TPU pod slice, on the cluster's shared file system) or the other processes compile for
 themselves.
