@@ -68,9 +68,11 @@ run_batch() {  # run_batch BATCH SECONDS [extra args]
   note "batch $batch exit $?"
 }
 
-# MaxK pooling and the negative draws against their earlier forms (about 20 s; suite.log).
-SEL_ARGS=()
-[ "$TINY" = 1 ] && SEL_ARGS=(--batch_size 16 --dim 64 --repeats 2)
+# MaxK pooling and the negative draws against their earlier forms, and the word-region
+# relevance in caption chunks (4: the CPU's cache-sized choice; 32: about 38 MB of scores, inside
+# an H100/H200's L2) against all at once, the GPU step's way (about 25 s; suite.log).
+SEL_ARGS=(--chunks 4,32)
+[ "$TINY" = 1 ] && SEL_ARGS=(--batch_size 16 --dim 64 --repeats 2 --chunks 4)
 timeout --signal=KILL 60 "$PY" -m benchmarks.selection_ops "${SEL_ARGS[@]}" >>"$LOG" 2>&1
 note "selection_ops exit $?"
 # One BERT-base layer's forward + backward with the step's LayerNorm / GELU / dropout against

@@ -58,8 +58,9 @@ def main(argv=None) -> list[tuple[str, float, float]]:
   parser.add_argument('--regions', type=int, default=36)
   parser.add_argument('--words', type=int, default=32)
   parser.add_argument('--dim', type=int, default=1024)
-  parser.add_argument('--chunk', type=int, default=None,
-                      help='captions per relevance pass (default: cache_sized_caption_chunk)')
+  parser.add_argument('--chunks', default='',
+                      help='comma-separated captions per relevance pass, one row each (default: '
+                      'cache_sized_caption_chunk, the CPU step\'s choice)')
   parser.add_argument('--repeats', type=int, default=5)
   args = parser.parse_args(argv)
   rng = np.random.default_rng(0)
@@ -80,18 +81,20 @@ def main(argv=None) -> list[tuple[str, float, float]]:
                      repeats=args.repeats)
            for fn in (draw_negatives_gumbel, losses.draw_negatives)]
   rows.append((f'negative draw, {args.batch_size} x {args.batch_size}', *timed))
-  chunk = args.chunk or relations.cache_sized_caption_chunk(args.batch_size, args.words,
-                                                            args.regions)
-  if chunk is not None:
+  chunks = ([int(c) for c in args.chunks.split(',')] if args.chunks else
+            [relations.cache_sized_caption_chunk(args.batch_size, args.words, args.regions)])
+  chunks = [c for c in chunks if c is not None and c < args.batch_size]
+  if chunks:
     regions = jnp.asarray(rng.normal(size=(args.batch_size, args.regions, args.dim)), jnp.bfloat16)
     words = jnp.asarray(rng.normal(size=(args.batch_size, args.words, args.dim)), jnp.bfloat16)
     word_lengths = jnp.asarray(rng.integers(min(5, args.words), args.words + 1,
                                             size=args.batch_size))
-    timed = [median_ms(jax.jit(lambda r, w, n, c=c: relations.fine_grained_relevance(
-                 r, w, n, args.regions, n.max(), caption_chunk=c, matmul_dtype=jnp.bfloat16)),
-                 regions, words, word_lengths, repeats=args.repeats)
-             for c in (None, chunk)]
-    rows.append((f'word-region relevance, {chunk} captions per pass', *timed))
+    relevance_ms = lambda c: median_ms(jax.jit(lambda r, w, n: relations.fine_grained_relevance(
+        r, w, n, args.regions, n.max(), caption_chunk=c, matmul_dtype=jnp.bfloat16)),
+        regions, words, word_lengths, repeats=args.repeats)
+    whole = relevance_ms(None)
+    for c in chunks:
+      rows.append((f'word-region relevance, {c} captions per pass', whole, relevance_ms(c)))
   print(f'{jax.devices()[0].device_kind}, batch {args.batch_size}, {args.regions} regions, '
         f'{args.words} words, D = {args.dim}')
   print('| operation | earlier form ms | current ms | speed-up |\n|---|---|---|---|')
