@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-fast test-next bench clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,3 +23,18 @@ test-fast: $(VENV)/.installed
 
 clean:
 	rm -rf runs
+
+# The same suite on the newer JAX of the GPU machines (Python 3.12, jax 0.11; .ci/jax_next.txt),
+# in its own virtualenv: PYTHON_NEXT=/path/to/python3.12 make test-next
+PYTHON_NEXT ?= python3.12
+VENV_NEXT := .venv-next
+
+$(VENV_NEXT)/.installed: requirements.txt .ci/jax_next.txt
+	$(PYTHON_NEXT) -m venv $(VENV_NEXT)
+	grep -v -E '^(numpy|jax|jaxlib|flax)==' requirements.txt > $(VENV_NEXT)/requirements.txt
+	$(VENV_NEXT)/bin/pip install --disable-pip-version-check -r $(VENV_NEXT)/requirements.txt \
+	  -r .ci/jax_next.txt
+	touch $@
+
+test-next: $(VENV_NEXT)/.installed
+	$(VENV_NEXT)/bin/python -m pytest -q tests

@@ -35,7 +35,7 @@ def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
 
   def update(updates, state, params=None):
     del params
-    norm = optax.global_norm(updates)
+    norm = optax.tree.norm(updates)
     scale = jnp.where(norm > max_norm, max_norm / (norm + 1e-6), 1.0)
     return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
 

@@ -34,7 +34,7 @@ def test_matches_torch_adamw_groups_with_late_parameters():
   for step, g in enumerate(grads_per_step):
     if step < first_proto_step:  # the gated-off loss gives exactly zero gradient
       g = dict(g, criterion={'prototypes': np.zeros((2, 2))})
-    updates, state = tx.update(g, state, params)
+    updates, state = tx.update(jax.tree.map(np.float32, g), state, params)
     params = jax.tree.map(lambda p, u: p + u, params, updates)
 
   t_img = torch.tensor(init['img']['w'], requires_grad=True)
