@@ -3,6 +3,7 @@
   python main.py --config configs/demo.py --workdir runs/demo                 # train + evaluate
   python main.py --config configs/demo.py --workdir runs/demo --mode eval     # re-evaluate
   python main.py --workdir runs/demo --mode search --query "a red circle" --top_k 5
+  python main.py --workdir runs/demo --mode encode_texts --texts my_texts.txt --out my_texts.npy
   python main.py --config configs/gpo_f30k.py:batch_size=64 --config.optim.lr=2e-4 ...
 """
 
@@ -19,16 +20,20 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path.py[
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
 _MODE = flags.DEFINE_enum('mode', 'train',
                           ['train', 'eval', 'build_data', 'clip_cache', 'verify_data',
-                           'search'],
+                           'search', 'encode_texts'],
                           'What to do.')
 _CHECKPOINT = flags.DEFINE_string(
-    'checkpoint', None, '--mode eval/search: checkpoint step, "latest" or "best" (default: best '
-    'if recorded, else latest); for eval several comma-separated steps or paths (workdirs, '
-    'converted checkpoints) evaluate their ensemble.')
+    'checkpoint', None, '--mode eval/search/encode_texts: checkpoint step, "latest" or "best" '
+    '(default: best if recorded, else latest); for eval several comma-separated steps or paths '
+    '(workdirs, converted checkpoints) evaluate their ensemble.')
 _RESULTS = flags.DEFINE_string('results', None, '--mode eval: re-score results_*.npy files '
                                '(comma-separated: their ensemble) with the original procedure.')
 _QUERY = flags.DEFINE_string('query', None, '--mode search: the text to search images for.')
 _TOP_K = flags.DEFINE_integer('top_k', 10, '--mode search: how many images to list.')
+_TEXTS = flags.DEFINE_string('texts', None, '--mode encode_texts: a UTF-8 file, one text per '
+                             'line.')
+_OUT = flags.DEFINE_string('out', None, '--mode encode_texts: where to write the embeddings '
+                           '(.npy, float32, with a .json of metadata beside it).')
 _FRESH = flags.DEFINE_bool('fresh', False, '--mode train: start from scratch; refuses a workdir '
                            'that holds a run unless --overwrite is given too.')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'With --fresh: delete the existing run first.')
@@ -55,7 +60,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
-  if config is None and _MODE.value != 'search':  # search reads the workdir's config.json
+  if config is None and _MODE.value not in ('search', 'encode_texts'):  # they read the workdir's
     raise app.UsageError('--config is required, e.g. --config configs/demo.py')
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required')
@@ -75,7 +80,7 @@ def main(argv):
   from aahr_jax import eval_modes  # pylint: disable=import-outside-toplevel
   from input_pipeline import datasets  # pylint: disable=import-outside-toplevel
   user_errors = (datasets.DataError, FileNotFoundError, FileExistsError, KeyError, OSError)
-  if _MODE.value in ('train', 'eval', 'search'):  # bad configs, checkpoints, results files
+  if _MODE.value in ('train', 'eval', 'search', 'encode_texts'):  # bad configs, checkpoints, ...
     user_errors += (ValueError,)
   try:
     if _MODE.value == 'train':
@@ -86,6 +91,8 @@ def main(argv):
                           eval_modes.split_list(_RESULTS.value))
     elif _MODE.value == 'search':
       eval_modes.run_search(_WORKDIR.value, _QUERY.value, _TOP_K.value, _CHECKPOINT.value)
+    elif _MODE.value == 'encode_texts':
+      eval_modes.run_encode_texts(_WORKDIR.value, _TEXTS.value, _OUT.value, _CHECKPOINT.value)
     elif _MODE.value == 'build_data':
       builder = datasets.build(config, _WORKDIR.value)
       print(f'Built {builder.info.full_name} at {builder.data_dir}: '

@@ -2,6 +2,7 @@
 
 import os
 
+from absl import logging as absl_logging
 import jax
 import orbax.checkpoint as ocp
 from flax import serialization
@@ -46,8 +47,15 @@ def restore_on_one_device(mngr: ocp.CheckpointManager, step: int) -> dict:
   on this process's first device, whatever mesh or number of hosts wrote it."""
   path = os.path.join(str(mngr.directory), str(step), 'state')
   checkpointer = ocp.StandardCheckpointer()
+  verbosity = absl_logging.get_verbosity()
   try:
-    saved = checkpointer.metadata(path)
+    # Orbax looks for a step-level metadata file inside the item folder and warns that it is
+    # missing (it is one level up, where CheckpointManager wrote it): not the user's concern.
+    absl_logging.set_verbosity(min(verbosity, absl_logging.ERROR))  # absl: lower is quieter
+    try:
+      saved = checkpointer.metadata(path)
+    finally:
+      absl_logging.set_verbosity(verbosity)
     saved = getattr(saved, 'item_metadata', saved)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),

@@ -8,6 +8,7 @@
   --mode eval --results a.npy[,b.npy]          reference mode: results_*.npy of the PyTorch code
   --mode eval --config configs/clip_zeroshot.py   the zero-shot CLIP baseline
   --mode search --query "..." [--top_k 10]     text-to-image search over the evaluation split
+  --mode encode_texts --texts T.txt --out E.npy   caption embeddings of the lines of T.txt
 """
 
 import os
@@ -121,3 +122,48 @@ def run_search(workdir: str, query: str, top_k: int, checkpoint: str | None = No
   indices, scores = search_index.top_k(images, retriever.embed_texts([query]), top_k)
   print(search_index.format_hits(query, meta, indices[0], scores[0]), flush=True)
   return list(zip(indices[0].tolist(), scores[0].tolist()))
+
+
+def read_texts(path: str) -> list[str]:
+  """The lines of a UTF-8 file, one text each; blank lines and other encodings are refused."""
+  with open(path, 'rb') as f:
+    raw_lines = f.read().splitlines()
+  texts = []
+  for number, raw in enumerate(raw_lines, start=1):
+    try:
+      text = raw.decode('utf-8').strip()
+    except UnicodeDecodeError as e:
+      raise ValueError(f'{path}: line {number} is not UTF-8 text ({e.reason} at byte '
+                       f'{e.start}); save the file as UTF-8') from None
+    if not text:
+      raise ValueError(f'{path}: line {number} is blank; write one text per line')
+    texts.append(text)
+  if not texts:
+    raise ValueError(f'{path} holds no text; write one text per line')
+  return texts
+
+
+def run_encode_texts(workdir: str, texts_path: str, out_path: str, checkpoint: str | None = None,
+                     batch_size: int = 256) -> np.ndarray:
+  """Embeds each line of `texts_path` as a caption and writes `out_path` (.npy, float32 [N, D])
+  with a .json beside it (the texts file, the checkpoint, the normalisation state): the text
+  side of the image index that --mode search writes, for users' own retrieval code."""
+  if not texts_path or not out_path:
+    raise ValueError('--mode encode_texts needs --texts FILE (one text per line) and '
+                     '--out EMBEDDINGS.npy')
+  if not out_path.endswith('.npy'):
+    raise ValueError(f'--out {out_path}: expected a path ending in .npy')
+  texts = read_texts(texts_path)
+  retriever = inference.Retriever.from_checkpoint(workdir, checkpoint)
+  parts = []
+  for start in range(0, len(texts), batch_size):
+    parts.append(retriever.embed_texts(texts[start:start + batch_size]))
+    print(f'encoded {min(start + batch_size, len(texts))}/{len(texts)} texts', flush=True)
+  embeddings = np.concatenate(parts)
+  search_index.export_embeddings(out_path, embeddings, {
+      'texts_file': os.path.abspath(texts_path), 'num_texts': len(texts),
+      'checkpoint': retriever.source})
+  print(f'Wrote {embeddings.shape[0]} x {embeddings.shape[1]} text embeddings of '
+        f'{retriever.source} to {out_path} (metadata: {os.path.splitext(out_path)[0]}.json)',
+        flush=True)
+  return embeddings

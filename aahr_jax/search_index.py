@@ -34,8 +34,11 @@ def _text(value) -> str:
 
 def normalisation_state(embeddings: np.ndarray) -> dict:
   norms = np.linalg.norm(np.asarray(embeddings, np.float64), axis=1)
-  return {'normalized': bool(norms.size and np.all(np.abs(norms - 1) < UNIT_NORM_TOLERANCE)),
-          'norm_min': float(norms.min(initial=0.0)), 'norm_max': float(norms.max(initial=0.0)),
+  if not norms.size:
+    return {'normalized': False, 'norm_min': None, 'norm_max': None,
+            'similarity': 'dot product (not re-normalised)'}
+  return {'normalized': bool(np.all(np.abs(norms - 1) < UNIT_NORM_TOLERANCE)),
+          'norm_min': float(norms.min()), 'norm_max': float(norms.max()),
           'similarity': 'dot product (not re-normalised)'}
 
 

@@ -96,3 +96,60 @@ def test_ensemble_of_a_checkpoint_with_itself_reproduces_it(trained):
   assert by_workdir['all']['rsum'] == pytest.approx(alone['all']['rsum'], abs=1.0)
   two = eval_modes.run_eval(search_config(), workdir, [str(steps[0]), last], [])
   assert two['all']['rsum'] > 0
+
+
+def test_encode_texts_exports_caption_embeddings(trained, tmp_path):
+  workdir, _ = trained
+  texts = ['a red circle left of a blue square', 'Zwei große Kreise – grün', 'a small triangle']
+  texts_path = tmp_path / 'texts.txt'
+  texts_path.write_text('\n'.join(texts) + '\n', encoding='utf-8')
+  out = tmp_path / 'out' / 'texts.npy'
+  got = eval_modes.run_encode_texts(workdir, str(texts_path), str(out), batch_size=2)
+  stored = np.load(out)
+  np.testing.assert_array_equal(stored, got)
+  retriever = inference.Retriever.from_checkpoint(workdir)
+  np.testing.assert_allclose(stored, retriever.embed_texts(texts), rtol=1e-6, atol=1e-6)
+  meta = json.loads((tmp_path / 'out' / 'texts.json').read_text())
+  assert meta['num_texts'] == 3 and meta['shape'] == [3, 64] and meta['normalized'] is True
+  assert meta['checkpoint'] == retriever.source and meta['texts_file'] == str(texts_path)
+
+
+def test_normalisation_state_reports_the_norm_range():
+  state = search_index.normalisation_state(np.array([[0.3, 0.4], [0.0, 2.0]]))
+  assert state['normalized'] is False
+  assert state['norm_min'] == pytest.approx(0.5) and state['norm_max'] == pytest.approx(2.0)
+  unit = search_index.normalisation_state(np.array([[0.6, 0.8], [1.0, 0.0]]))
+  assert unit['normalized'] is True and unit['norm_min'] == pytest.approx(1.0)
+  assert search_index.normalisation_state(np.zeros((0, 4)))['norm_min'] is None
+
+
+@pytest.mark.parametrize('content, message', [
+    (b'a red circle\n\na blue square\n', 'line 2 is blank'),
+    (b'a red circle\n\xff\xfe square\n', 'line 2 is not UTF-8 text'),
+    (b'', 'holds no text'),
+])
+def test_encode_texts_refuses_bad_text_files(tmp_path, content, message):
+  path = tmp_path / 'texts.txt'
+  path.write_bytes(content)
+  with pytest.raises(ValueError, match=message):
+    eval_modes.read_texts(str(path))
+
+
+def test_encode_texts_needs_its_flags(tmp_path):
+  with pytest.raises(ValueError, match='needs --texts FILE'):
+    eval_modes.run_encode_texts(str(tmp_path), None, str(tmp_path / 'e.npy'))
+  with pytest.raises(ValueError, match='expected a path ending in .npy'):
+    eval_modes.run_encode_texts(str(tmp_path), str(tmp_path / 't.txt'), str(tmp_path / 'e.csv'))
+
+
+def test_encode_texts_cli_errors(tmp_path):
+  env = dict(os.environ, HF_HUB_OFFLINE='1', JAX_PLATFORMS='cpu')
+  path = tmp_path / 'texts.txt'
+  path.write_bytes(b'one\n   \nthree\n')
+  out = subprocess.run([sys.executable, 'main.py', '--mode', 'encode_texts', '--workdir',
+                        str(tmp_path), '--texts', str(path), '--out', str(tmp_path / 'e.npy')],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                       check=False)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert out.stderr.strip() == f'error: {path}: line 2 is blank; write one text per line'
+  assert not (tmp_path / 'e.npy').exists()
