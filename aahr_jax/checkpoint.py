@@ -72,7 +72,11 @@ def resolve_step(mngr: ocp.CheckpointManager, which: str | int | None) -> int:
     raise FileNotFoundError(f'no checkpoint in {mngr.directory}')
   if which in (None, '', 'latest'):
     return mngr.latest_step()
-  step = int(which)
+  try:
+    step = int(which)
+  except ValueError:
+    raise ValueError(f'--checkpoint {which!r}: expected a step number, "latest" or "best" (for '
+                     '--mode eval also a workdir or converted-checkpoint path)') from None
   if step not in steps:
     raise FileNotFoundError(f'no checkpoint for step {step} in {mngr.directory}; '
                             f'available steps: {sorted(steps)}')

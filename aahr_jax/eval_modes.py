@@ -116,6 +116,8 @@ def run_search(workdir: str, query: str, top_k: int, checkpoint: str | None = No
   """Prints and returns the top_k (image index, score) of the workdir's evaluation split."""
   if not query:
     raise ValueError('--mode search needs --query "some text"')
+  if top_k < 1:
+    raise ValueError(f'--top_k {top_k}: expected at least 1 image to list')
   retriever = inference.Retriever.from_checkpoint(workdir, checkpoint)
   config = inference.load_workdir_config(workdir)
   images, meta = search_index.open_index(retriever, config, workdir, config.data.eval_split)
@@ -126,6 +128,9 @@ def run_search(workdir: str, query: str, top_k: int, checkpoint: str | None = No
 
 def read_texts(path: str) -> list[str]:
   """The lines of a UTF-8 file, one text each; blank lines and other encodings are refused."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'--texts {path}: no such file (expected a UTF-8 text file, one text '
+                            'per line)')
   with open(path, 'rb') as f:
     raw_lines = f.read().splitlines()
   texts = []

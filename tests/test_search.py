@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from aahr_jax import checkpoint
 from aahr_jax import eval_modes
 from aahr_jax import inference
 from aahr_jax import search_index
@@ -135,9 +136,22 @@ def test_encode_texts_refuses_bad_text_files(tmp_path, content, message):
     eval_modes.read_texts(str(path))
 
 
+def test_bad_checkpoint_names_and_top_k(trained):
+  workdir, _ = trained
+  mngr = checkpoint.manager(workdir)
+  with pytest.raises(ValueError, match='--checkpoint .abc.: expected a step number'):
+    checkpoint.resolve_step(mngr, 'abc')
+  with pytest.raises(FileNotFoundError, match='no checkpoint for step 7 in .*; available steps'):
+    checkpoint.resolve_step(mngr, '7')
+  with pytest.raises(ValueError, match='--top_k 0: expected at least 1'):
+    eval_modes.run_search(workdir, 'a red circle', 0)
+
+
 def test_encode_texts_needs_its_flags(tmp_path):
   with pytest.raises(ValueError, match='needs --texts FILE'):
     eval_modes.run_encode_texts(str(tmp_path), None, str(tmp_path / 'e.npy'))
+  with pytest.raises(FileNotFoundError, match='--texts .*: no such file'):
+    eval_modes.run_encode_texts(str(tmp_path), str(tmp_path / 'none.txt'), str(tmp_path / 'e.npy'))
   with pytest.raises(ValueError, match='expected a path ending in .npy'):
     eval_modes.run_encode_texts(str(tmp_path), str(tmp_path / 't.txt'), str(tmp_path / 'e.csv'))
 
