@@ -112,22 +112,31 @@ def main(argv):
     sys.exit(EXIT_BAD_INPUT)
 
 
+def _config_value(argv) -> str | None:
+  """The --config flag's value (path.py[:args]) in argv, if given."""
+  for i, arg in enumerate(argv[1:], start=1):
+    if arg.startswith('--config='):
+      return arg[len('--config='):]
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
 def parse_flags(argv):
   """absl flag parsing with one-line errors for bad configs and overrides (no tracebacks)."""
-  for i, arg in enumerate(argv[1:], start=1):
-    value = None
-    if arg.startswith('--config='):
-      value = arg[len('--config='):]
-    elif arg == '--config' and i + 1 < len(argv):
-      value = argv[i + 1]
-    if value is not None and not os.path.isfile(value.split(':')[0]):
-      print(f'error: config file not found: {value.split(":")[0]} (--config expects a path such '
-            'as configs/demo.py, optionally followed by :key=value,...)', file=sys.stderr)
-      sys.exit(EXIT_BAD_INPUT)
+  value = _config_value(argv)
+  if value is not None and not os.path.isfile(value.split(':')[0]):
+    print(f'error: config file not found: {value.split(":")[0]} (--config expects a path such '
+          'as configs/demo.py, optionally followed by :key=value,...)', file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
   try:
     return flags.FLAGS(argv)
   except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as e:
     detail = str(e.args[0]) if e.args else str(e)
+    if 'Traceback (most recent call last)' in detail:  # the config file's get_config() raised
+      raised = [line for line in detail.splitlines() if line.strip()][-1]  # 'ValueError: ...'
+      print(f'error: invalid --config {value}: {raised.split(": ", 1)[-1]}', file=sys.stderr)
+      sys.exit(EXIT_BAD_INPUT)
     culprit = [a for a in argv[1:] if a.startswith('--config')
                and detail.strip('"\'').split("'")[-1] in a]
     if culprit and isinstance(e, (KeyError, AttributeError)):

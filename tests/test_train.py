@@ -92,3 +92,9 @@ def test_cli_errors_are_one_line_and_nonzero(tmp_path):
                          str(tmp_path / 'w4'))
   assert unknown_arg.returncode != 0
   assert 'no_such_arg' in unknown_arg.stderr
+
+  bad_value = run_main('--config', 'configs/demo.py:model=xyz', '--workdir', str(tmp_path / 'w5'))
+  assert bad_value.returncode == 2
+  assert bad_value.stderr.strip().splitlines() == [  # get_config's message, no traceback
+      "error: invalid --config configs/demo.py:model=xyz: configs/demo.py: model='xyz'; "
+      "expected 'gpo' or 'aahr'"]
