@@ -37,11 +37,12 @@ def zero_shot_embeddings(clip_image_feat, clip_text_feat, *, normalize: bool = T
 def evaluate_features(clip_image_feat, clip_text_feat, *, normalize: bool, protocol: str,
                       split_name: str, workdir: str | None, model_name: str = 'CLIP',
                       save_sims: bool = False, dataset: str | None = None) -> dict:
-  """The full report (table, eval/<split>.json, recall plot, optional npy) for CLIP alone."""
+  """The full report (table, eval/<split>_clip_zeroshot.json, recall plot, optional npy) for
+  CLIP alone."""
   images, texts = zero_shot_embeddings(clip_image_feat, clip_text_feat, normalize=normalize)
   scoring = 'cosine (L2-normalised)' if normalize else 'raw dot product (clip_eval.py)'
   return evaluate.evaluate_embeddings(
       images, texts, split_name=split_name, protocol=protocol, workdir=workdir,
       header_extra={'checkpoint': f'zero-shot {model_name}, {scoring}',
                     'selection_split': 'none (zero-shot)', 'clip_normalize': bool(normalize)},
-      save_sims=save_sims, dataset=dataset)
+      save_sims=save_sims, dataset=dataset, tag='clip_zeroshot')

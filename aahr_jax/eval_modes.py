@@ -9,6 +9,9 @@
   --mode eval --config configs/clip_zeroshot.py   the zero-shot CLIP baseline
   --mode search --query "..." [--top_k 10]     text-to-image search over the evaluation split
   --mode encode_texts --texts T.txt --out E.npy   caption embeddings of the lines of T.txt
+
+Ensembles, reference re-scoring and the zero-shot baseline write eval/<split>_<tag>.json (tag
+ensemble, reference, clip_zeroshot), leaving the model's eval/<split>.json as it was.
 """
 
 import os
@@ -81,7 +84,7 @@ def evaluate_ensemble(config, workdir: str, specs: list[str]) -> dict:
       images, captions, split_name=split_name, protocol=config.eval.protocol, workdir=workdir,
       header_extra={'checkpoint': f'ensemble of {len(names)}: ' + ' + '.join(names),
                     'ensemble': names, 'selection_split': _selection_of(workdir)},
-      save_sims=config.eval.get('save_sims', False), dataset=config.data.name)
+      save_sims=config.eval.get('save_sims', False), dataset=config.data.name, tag='ensemble')
 
 
 def _selection_of(workdir: str) -> str:

@@ -246,22 +246,25 @@ def _format_ties(results: dict) -> list[str]:
 
 
 def report(results: dict, header: dict, *, workdir: str | None, split_name: str,
-           sims_matrix=None, dataset: str | None = None) -> None:
+           sims_matrix=None, dataset: str | None = None, tag: str = '') -> None:
   """Prints the table; writes eval/<split>.json, eval/<split>_recall.png and, given a matrix
-  (a callable returning it, so it is built only here), results_<dataset>.npy (process 0)."""
+  (a callable returning it, so it is built only here), results_<dataset>.npy (process 0).
+  A `tag` (ensemble, clip_zeroshot, reference) goes into every name, eval/<split>_<tag>.json,
+  ..., results_<dataset>_<tag>.npy, so that such evaluations never overwrite the model's own."""
   print(format_results(results, header), flush=True)
   for line in _format_ties(results):
     print(line, flush=True)
   if not workdir or jax.process_index() != 0:
     return
+  suffix = f'_{tag}' if tag else ''
   out_dir = os.path.join(workdir, 'eval')
   os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, f'{split_name}.json'), 'w', encoding='utf-8') as f:
+  with open(os.path.join(out_dir, f'{split_name}{suffix}.json'), 'w', encoding='utf-8') as f:
     json.dump({**header, **results}, f, indent=2)
-  recall_plot.draw(results['curves'], os.path.join(out_dir, f'{split_name}_recall.png'),
+  recall_plot.draw(results['curves'], os.path.join(out_dir, f'{split_name}{suffix}_recall.png'),
                    title=f'{header.get("checkpoint", "")} on {split_name}: recall@K')
   if sims_matrix is not None:
-    path = os.path.join(workdir, results_file.file_name(dataset or split_name))
+    path = os.path.join(workdir, results_file.file_name(f'{dataset or split_name}{suffix}'))
     print(f'Save the similarity into {path}', flush=True)
     results_file.write(path, sims_matrix())
 
@@ -269,15 +272,16 @@ def report(results: dict, header: dict, *, workdir: str | None, split_name: str,
 def evaluate_embeddings(image_embs, caption_embs, *, split_name: str, protocol: str,
                         workdir: str | None, header_extra: dict | None = None,
                         save_sims: bool = False, dataset: str | None = None,
-                        tile: int = blockwise_ranks.DEFAULT_TILE) -> dict:
-  """Fast mode from embeddings: tiled scores and ranks, table, JSON, plot, optional npy."""
+                        tile: int = blockwise_ranks.DEFAULT_TILE, tag: str = '') -> dict:
+  """Fast mode from embeddings: tiled scores and ranks, table, JSON, plot, optional npy (their
+  names carry `tag`, see `report`)."""
   start = time.time()
   results, scores = metrics_from_embeddings(image_embs, caption_embs, protocol, tile)
   header = {'split': split_name, 'images': int(scores.num_images),
             'captions': int(5 * scores.num_images), 'protocol': protocol, 'mode': 'fast',
             **(header_extra or {}), 'seconds': time.time() - start}
   report(results, header, workdir=workdir, split_name=split_name,
-         sims_matrix=scores.matrix if save_sims else None, dataset=dataset)
+         sims_matrix=scores.matrix if save_sims else None, dataset=dataset, tag=tag)
   return results
 
 
@@ -305,7 +309,7 @@ def evaluate_results_files(paths: list[str], *, protocol: str, workdir: str | No
   header = {'split': split_name, 'images': int(sims.shape[0]), 'captions': int(sims.shape[1]),
             'protocol': protocol, 'mode': 'reference', 'checkpoint': ' + '.join(paths),
             'seconds': time.time() - start}
-  report(results, header, workdir=workdir, split_name=split_name)
+  report(results, header, workdir=workdir, split_name=split_name, tag='reference')
   return results
 
 

@@ -106,8 +106,10 @@ def test_results_file_round_trip_and_layout(tmp_path):
   assert set(content) == {'npts', 'sims'} and isinstance(content['npts'], int)
   assert content['npts'] == 20 and content['sims'].dtype == np.float64
   assert content['sims'].shape == (20, 100)
-  reread = evaluate.evaluate_results_files([str(path)], protocol='coco', workdir=None,
+  reread = evaluate.evaluate_results_files([str(path)], protocol='coco', workdir=str(tmp_path),
                                            split_name='testall')
+  rescored = json.loads((tmp_path / 'eval' / 'testall_reference.json').read_text())
+  assert rescored['mode'] == 'reference' and rescored['all'] == written['all']
   for key in ('all', 'folds', 'fold_mean'):
     assert reread[key] == written[key]
   saved = json.loads((tmp_path / 'eval' / 'testall.json').read_text())
@@ -157,7 +159,7 @@ def test_ensemble_of_embeddings_averages_similarities():
     evaluate.ensemble_embeddings([members[0], (members[1][0][:10], members[1][1][:50])])
 
 
-def test_zero_shot_normalisation():
+def test_zero_shot_normalisation(tmp_path):
   rng = np.random.default_rng(7)
   image_feat = rng.normal(size=(12, 16)) * rng.uniform(0.5, 20, size=(12, 1))
   text_feat = np.repeat(image_feat, 5, axis=0) + rng.normal(size=(60, 16))
@@ -170,7 +172,12 @@ def test_zero_shot_normalisation():
                                                protocol='single', split_name='test', workdir=None)
   assert_same(normalised['all'], original_i2t_t2i(cosine))
   raw = clip_zeroshot.evaluate_features(image_feat, text_feat, normalize=False,
-                                        protocol='single', split_name='test', workdir=None)
+                                        protocol='single', split_name='test',
+                                        workdir=str(tmp_path), save_sims=True, dataset='f30k')
+  # Its own file names, so that a zero-shot run in a model's workdir leaves the model's alone.
+  assert sorted(os.listdir(tmp_path / 'eval')) == ['test_clip_zeroshot.json',
+                                                   'test_clip_zeroshot_recall.png']
+  assert sorted(os.listdir(tmp_path)) == ['eval', 'results_f30k_clip_zeroshot.npy']
   assert_same(raw['all'], original_i2t_t2i(image_feat @ text_feat.T))  # clip_eval.py scoring
   assert raw['all'] != normalised['all']  # image norms vary 40x: the two protocols differ
   with pytest.raises(ValueError, match='5 per image'):

@@ -88,8 +88,11 @@ def test_ensemble_of_a_checkpoint_with_itself_reproduces_it(trained):
   single = eval_modes.run_eval(search_config(), workdir, [last], [])
   ensemble = eval_modes.run_eval(search_config(), workdir, [last, last], [])
   assert ensemble['all']['rsum'] == pytest.approx(single['all']['rsum'], abs=1.0)
-  saved = json.loads(open(os.path.join(workdir, 'eval', 'test.json'), encoding='utf-8').read())
+  saved = json.loads(open(os.path.join(workdir, 'eval', 'test_ensemble.json'),
+                          encoding='utf-8').read())
   assert saved['ensemble'] == [f'{workdir} step {last}'] * 2
+  own = json.loads(open(os.path.join(workdir, 'eval', 'test.json'), encoding='utf-8').read())
+  assert own['checkpoint'].endswith(last) and 'ensemble' not in own  # not overwritten
   # A workdir as a member means its selected (best) checkpoint, as `--mode eval` does.
   best = json.loads(open(os.path.join(workdir, 'best.json'), encoding='utf-8').read())
   by_workdir = eval_modes.run_eval(search_config(), workdir, [workdir, str(best['step'])], [])
