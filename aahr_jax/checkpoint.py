@@ -23,6 +23,16 @@ def manager(workdir: str, keep: int = 3, subdir: str = LATEST_DIR) -> ocp.Checkp
                                options=options, item_names=('state', 'meta'))
 
 
+def has_checkpoint(workdir: str) -> bool:
+  """Whether `workdir` holds a complete checkpoint in checkpoints/ or best/, read without
+  creating anything (a manager creates its folder and starts a cleanup thread)."""
+  for subdir in (LATEST_DIR, BEST_DIR):
+    folder = os.path.join(workdir, subdir)
+    if os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder)):
+      return True
+  return False
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict, force: bool = False) -> None:
   try:
     mngr.save(step, args=ocp.args.Composite(
@@ -42,21 +52,50 @@ def restore(mngr: ocp.CheckpointManager, step: int, target_state):
   return serialization.from_state_dict(target_state, restored['state']), restored['meta']
 
 
+def _saved_metadata(checkpointer: ocp.StandardCheckpointer, path: str):
+  """The saved state's tree of array metadata (shape, dtype) at `path`, read from its files."""
+  verbosity = absl_logging.get_verbosity()
+  # Orbax looks for a step-level metadata file inside the item folder and warns that it is
+  # missing (it is one level up, where CheckpointManager wrote it): not the user's concern.
+  absl_logging.set_verbosity(min(verbosity, absl_logging.ERROR))  # absl: lower is quieter
+  try:
+    saved = checkpointer.metadata(path)
+  finally:
+    absl_logging.set_verbosity(verbosity)
+  return getattr(saved, 'item_metadata', saved)
+
+
+def state_mismatches(mngr: ocp.CheckpointManager, step: int, target_state) -> list[str]:
+  """Where the saved state of `step` differs from `target_state` in structure or array shapes
+  ('path: saved (8, 128), expected (8, 64)', 'path: not saved', 'path: not expected'); empty
+  when a restore into `target_state` can succeed."""
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    saved = _saved_metadata(checkpointer, os.path.join(str(mngr.directory), str(step), 'state'))
+  finally:
+    checkpointer.close()
+  def shapes(tree) -> dict[str, tuple]:
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    name = lambda key: str(getattr(key, 'key', getattr(key, 'name', getattr(key, 'idx', key))))
+    return {'/'.join(map(name, path)): tuple(leaf.shape) for path, leaf in leaves
+            if hasattr(leaf, 'shape')}
+
+  before = shapes(saved)
+  after = shapes(serialization.to_state_dict(target_state))
+  problems = [f'{k}: not saved' for k in sorted(set(after) - set(before))]
+  problems += [f'{k}: not expected' for k in sorted(set(before) - set(after))]
+  problems += [f'{k}: saved {before[k]}, expected {after[k]}'
+               for k in sorted(set(before) & set(after)) if before[k] != after[k]]
+  return problems
+
+
 def restore_on_one_device(mngr: ocp.CheckpointManager, step: int) -> dict:
   """The saved state tree as written (no model or optimizer needed to describe it), every array
   on this process's first device, whatever mesh or number of hosts wrote it."""
   path = os.path.join(str(mngr.directory), str(step), 'state')
   checkpointer = ocp.StandardCheckpointer()
-  verbosity = absl_logging.get_verbosity()
   try:
-    # Orbax looks for a step-level metadata file inside the item folder and warns that it is
-    # missing (it is one level up, where CheckpointManager wrote it): not the user's concern.
-    absl_logging.set_verbosity(min(verbosity, absl_logging.ERROR))  # absl: lower is quieter
-    try:
-      saved = checkpointer.metadata(path)
-    finally:
-      absl_logging.set_verbosity(verbosity)
-    saved = getattr(saved, 'item_metadata', saved)
+    saved = _saved_metadata(checkpointer, path)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                           saved)

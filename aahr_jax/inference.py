@@ -126,10 +126,11 @@ def load_workdir(path, step: str | int | None = None) -> tuple[ml_collections.Co
   from aahr_jax import checkpoint
   from aahr_jax import evaluate
   config = load_workdir_config(path)
+  if not checkpoint.has_checkpoint(str(path)):
+    raise FileNotFoundError(f'{path}: no checkpoint under '
+                            f'{pathlib.Path(path) / checkpoint.LATEST_DIR}; train first')
   mngr = checkpoint.manager(str(path), config.get('keep_checkpoints', 3))
   best_mngr = checkpoint.manager(str(path), 1, checkpoint.BEST_DIR)
-  if not mngr.all_steps() and not best_mngr.all_steps():
-    raise FileNotFoundError(f'{path}: no checkpoint under {mngr.directory}; train first')
   which = evaluate.default_checkpoint(str(path), None if step is None else str(step))
   if which is not None and str(which).isdigit() and best_mngr.latest_step() == int(which):
     mngr = best_mngr  # the selected model is kept in best/ even after checkpoints/ moved on

@@ -247,6 +247,31 @@ def _delete_run(workdir: str) -> None:
       os.remove(path)
 
 
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+def config_changes(workdir: str, config: ml_collections.ConfigDict) -> list[str]:
+  """'field: old -> new' for every config field that differs from the workdir's config.json."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    return []
+  with open(path, encoding='utf-8') as f:
+    stored = json.load(f)
+  current = json.loads(config.to_json_best_effort())
+
+  def flat(tree, prefix=''):
+    if not isinstance(tree, dict):
+      return {prefix[:-1]: tree}
+    return {k: v for key, sub in tree.items() for k, v in flat(sub, f'{prefix}{key}.').items()}
+
+  before, after = flat(stored), flat(current)
+  return [f'{k}: {before.get(k, "(absent)")!r} -> {after.get(k, "(absent)")!r}'
+          for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
+
+
 def check_disk_space(workdir: str, state, keep: int) -> None:
   """Fails before training if the checkpoints we will keep cannot fit on the disk."""
   state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
@@ -262,9 +287,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
                        overwrite: bool = False) -> dict:
   config_checks.validate(config)
   prepare_workdir(workdir, fresh, overwrite)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
-      f.write(config.to_json_best_effort(indent=2))
   run = setup(config, workdir)
   model, mesh, state = run['model'], run['mesh'], run['state']
   steps_per_epoch = run['steps_per_epoch']
@@ -277,9 +299,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
   best_mngr = checkpoint.manager(workdir, 1, checkpoint.BEST_DIR)
   start_step = 0
   if mngr.latest_step() is not None:
+    changes = config_changes(workdir, config)
+    mismatches = checkpoint.state_mismatches(mngr, mngr.latest_step(), state)
+    if mismatches:  # checked before restoring: a failed orbax restore leaves noisy threads
+      raise ValueError(
+          f'cannot resume {workdir} at step {mngr.latest_step()} with this config: the saved '
+          f'train state has another structure ({len(mismatches)} arrays differ, e.g. '
+          f'{"; ".join(mismatches[:3])})'
+          + (f'; the config differs from the run\'s config.json in {"; ".join(changes)}'
+             if changes else '')
+          + '. Resume with the run\'s config, or start a new run with --fresh --overwrite or '
+          'another --workdir.')
     state, meta = checkpoint.restore(mngr, mngr.latest_step(), state)
     start_step = int(meta['step'])
-    print(f'Resumed from {mngr.directory} at step {start_step}.', flush=True)
+    print(f'Resumed from {mngr.directory} at step {start_step}'
+          + (f' with config changes: {"; ".join(changes)}' if changes else '') + '.', flush=True)
+  write_config(config, workdir)  # a resumed run's only once its checkpoint fits this config
   if start_step == 0:
     state = state.replace(params=jax.device_put(load_pretrained(config, state.params),
                                                 run['state_shardings'].params))
@@ -451,11 +486,12 @@ def evaluate_state(config, workdir: str, run: dict, state: TrainState, checkpoin
 
 def evaluate_checkpoint(config, workdir: str, which: str | None = None) -> dict:
   """`--mode eval`: the named checkpoint step, 'latest', or by default the selected best."""
+  if not checkpoint.has_checkpoint(workdir):
+    raise FileNotFoundError(f'{workdir}: no checkpoint found under '
+                            f'{os.path.join(workdir, checkpoint.LATEST_DIR)}; train first '
+                            '(--mode train)')
   mngr = checkpoint.manager(workdir, config.keep_checkpoints)
   best_mngr = checkpoint.manager(workdir, 1, checkpoint.BEST_DIR)
-  if not mngr.all_steps() and not best_mngr.all_steps():
-    raise FileNotFoundError(f'{workdir}: no checkpoint found under {mngr.directory}; '
-                            'train first (--mode train)')
   run = setup(config, workdir)
   best = evaluate.read_best(workdir)
   wants_best = which in (None, '', 'best') or (best is not None and str(which) == str(best['step']))

@@ -60,6 +60,16 @@ def test_train_checkpoint_resume_is_exact_and_eval_reproduces(tmp_path):
   reevaluated = train.evaluate_checkpoint(two_epochs, straight)
   assert reevaluated['all'] == trained['all']
 
+  # Resuming with a config whose train state has another structure fails before anything is
+  # written, naming the fields that changed; the run's config.json still describes the run.
+  narrower = tiny_config(2)
+  narrower.model.embed_size = 16
+  with pytest.raises(ValueError, match=r'cannot resume .*: saved \(32,\), expected \(16,\).* '
+                     r'config.json in model.embed_size: 32 -> 16\. Resume with'):
+    train.train_and_evaluate(narrower, straight)
+  with open(os.path.join(straight, 'config.json'), encoding='utf-8') as f:
+    assert json.load(f)['model']['embed_size'] == 32
+
 
 def run_main(*args, timeout=300):
   env = dict(os.environ, HF_HUB_OFFLINE='1', JAX_PLATFORMS='cpu')
@@ -92,6 +102,14 @@ def test_cli_errors_are_one_line_and_nonzero(tmp_path):
                          str(tmp_path / 'w4'))
   assert unknown_arg.returncode != 0
   assert 'no_such_arg' in unknown_arg.stderr
+
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  no_checkpoint = run_main('--config', 'configs/demo.py', '--workdir', str(empty), '--mode', 'eval')
+  assert no_checkpoint.returncode == 2
+  assert no_checkpoint.stderr.strip().splitlines() == [  # nothing from orbax's threads either
+      f'error: {empty}: no checkpoint found under {empty}/checkpoints; train first (--mode train)']
+  assert not os.listdir(empty)  # a read-only look: no checkpoint folders created
 
   bad_value = run_main('--config', 'configs/demo.py:model=xyz', '--workdir', str(tmp_path / 'w5'))
   assert bad_value.returncode == 2
