@@ -364,6 +364,13 @@ def main(argv=None) -> dict:
   parser.add_argument('--json', default='')
   parser.add_argument('--markdown', default='')
   args = parser.parse_args(argv)
+  unknown = [v for v in args.variants.split(',') if v and v not in VARIANTS]
+  if unknown:  # before any measuring
+    parser.error(f'unknown variant(s) {unknown}; known: {", ".join(VARIANTS)}')
+  if args.batch_size is not None and args.batch_size < 1:
+    parser.error(f'--batch_size {args.batch_size}: expected a positive batch size')
+  if not os.path.isfile(args.config.partition(':')[0]):
+    parser.error(f'config file not found: {args.config.partition(":")[0]}')
   start = time.time()
   if args.cache_dir:
     use_caches(args.cache_dir)
@@ -401,8 +408,6 @@ def main(argv=None) -> dict:
 
   variants = args.variants.split(',') if args.variants else list(DEFAULT_VARIANTS)
   for variant in variants:
-    if variant not in VARIANTS:
-      raise SystemExit(f'unknown variant {variant!r}; known: {VARIANTS}')
     row = {'variant': variant,
            'flops': (train_flops if variant.startswith('jax_cached') else
                      online_flops)['total']}

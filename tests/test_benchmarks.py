@@ -32,6 +32,16 @@ def test_train_step_benchmark_runs_and_prints_the_table(tmp_path, capsys):
   assert rows['jax_cached_scan']['recompiles'] == 0 and rows['jax_cached_scan']['bert_scan']
 
 
+@pytest.mark.parametrize('args, message', [
+    (['--variants', 'jax_cached,bogus'], "unknown variant(s) ['bogus']"),
+    (['--batch_size', '0'], '--batch_size 0: expected a positive batch size'),
+])
+def test_train_step_benchmark_refuses_bad_arguments_before_measuring(args, message, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    train_step.main(['--config', 'configs/demo.py:model=aahr', *args])
+  assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_online_clip_variant_runs(tmp_path):
   rows = run(tmp_path, 'jax_online')
