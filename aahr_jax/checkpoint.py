@@ -23,14 +23,15 @@ def manager(workdir: str, keep: int = 3, subdir: str = LATEST_DIR) -> ocp.Checkp
                                options=options, item_names=('state', 'meta'))
 
 
-def has_checkpoint(workdir: str) -> bool:
-  """Whether `workdir` holds a complete checkpoint in checkpoints/ or best/, read without
-  creating anything (a manager creates its folder and starts a cleanup thread)."""
+def require_checkpoint(workdir: str) -> None:
+  """Fails unless `workdir` holds a complete checkpoint in checkpoints/ or best/, looking
+  without creating anything (a manager creates its folder and starts a cleanup thread)."""
   for subdir in (LATEST_DIR, BEST_DIR):
     folder = os.path.join(workdir, subdir)
     if os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder)):
-      return True
-  return False
+      return
+  raise FileNotFoundError(f'{workdir}: no checkpoint found under '
+                          f'{os.path.join(workdir, LATEST_DIR)}; train first (--mode train)')
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict, force: bool = False) -> None:
@@ -52,6 +53,10 @@ def restore(mngr: ocp.CheckpointManager, step: int, target_state):
   return serialization.from_state_dict(target_state, restored['state']), restored['meta']
 
 
+def _state_path(mngr: ocp.CheckpointManager, step: int) -> str:
+  return os.path.join(str(mngr.directory), str(step), 'state')
+
+
 def _saved_metadata(checkpointer: ocp.StandardCheckpointer, path: str):
   """The saved state's tree of array metadata (shape, dtype) at `path`, read from its files."""
   verbosity = absl_logging.get_verbosity()
@@ -71,9 +76,10 @@ def state_mismatches(mngr: ocp.CheckpointManager, step: int, target_state) -> li
   when a restore into `target_state` can succeed."""
   checkpointer = ocp.StandardCheckpointer()
   try:
-    saved = _saved_metadata(checkpointer, os.path.join(str(mngr.directory), str(step), 'state'))
+    saved = _saved_metadata(checkpointer, _state_path(mngr, step))
   finally:
     checkpointer.close()
+
   def shapes(tree) -> dict[str, tuple]:
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
     name = lambda key: str(getattr(key, 'key', getattr(key, 'name', getattr(key, 'idx', key))))
@@ -92,7 +98,7 @@ def state_mismatches(mngr: ocp.CheckpointManager, step: int, target_state) -> li
 def restore_on_one_device(mngr: ocp.CheckpointManager, step: int) -> dict:
   """The saved state tree as written (no model or optimizer needed to describe it), every array
   on this process's first device, whatever mesh or number of hosts wrote it."""
-  path = os.path.join(str(mngr.directory), str(step), 'state')
+  path = _state_path(mngr, step)
   checkpointer = ocp.StandardCheckpointer()
   try:
     saved = _saved_metadata(checkpointer, path)

@@ -126,9 +126,7 @@ def load_workdir(path, step: str | int | None = None) -> tuple[ml_collections.Co
   from aahr_jax import checkpoint
   from aahr_jax import evaluate
   config = load_workdir_config(path)
-  if not checkpoint.has_checkpoint(str(path)):
-    raise FileNotFoundError(f'{path}: no checkpoint under '
-                            f'{pathlib.Path(path) / checkpoint.LATEST_DIR}; train first')
+  checkpoint.require_checkpoint(str(path))
   mngr = checkpoint.manager(str(path), config.get('keep_checkpoints', 3))
   best_mngr = checkpoint.manager(str(path), 1, checkpoint.BEST_DIR)
   which = evaluate.default_checkpoint(str(path), None if step is None else str(step))

@@ -486,10 +486,7 @@ def evaluate_state(config, workdir: str, run: dict, state: TrainState, checkpoin
 
 def evaluate_checkpoint(config, workdir: str, which: str | None = None) -> dict:
   """`--mode eval`: the named checkpoint step, 'latest', or by default the selected best."""
-  if not checkpoint.has_checkpoint(workdir):
-    raise FileNotFoundError(f'{workdir}: no checkpoint found under '
-                            f'{os.path.join(workdir, checkpoint.LATEST_DIR)}; train first '
-                            '(--mode train)')
+  checkpoint.require_checkpoint(workdir)
   mngr = checkpoint.manager(workdir, config.keep_checkpoints)
   best_mngr = checkpoint.manager(workdir, 1, checkpoint.BEST_DIR)
   run = setup(config, workdir)
