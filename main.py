@@ -10,6 +10,11 @@
 import os
 import sys
 
+from aahr_jax import host_malloc
+
+host_malloc.configure()  # before any library starts a thread (aahr_jax/host_malloc.py)
+
+# pylint: disable=wrong-import-position
 from absl import app
 from absl import flags
 from absl import logging

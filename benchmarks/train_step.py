@@ -39,6 +39,9 @@ import time
 import traceback
 
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')  # PyTorch shares the GPU
+from aahr_jax import host_malloc  # pylint: disable=wrong-import-position
+
+host_malloc.configure()  # as main.py: both libraries reuse freed host memory (host_malloc.py)
 
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position

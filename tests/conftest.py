@@ -7,12 +7,16 @@ import shutil
 import sys
 import tempfile
 
-os.environ.setdefault('HF_HUB_OFFLINE', '1')
-os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+from aahr_jax import host_malloc  # pylint: disable=wrong-import-position
+
+host_malloc.configure()  # the test process allocates as main.py does (aahr_jax/host_malloc.py)
+
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 # Tests compile the same steps again and again, in this process and in the `main.py` processes
 # they start (resume, preemption, layouts): they share one compilation cache for the session
