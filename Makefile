@@ -16,7 +16,7 @@ demo: $(VENV)/.installed
 	$(PY) main.py --config configs/demo.py --workdir runs/demo
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow" tests

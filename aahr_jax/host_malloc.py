@@ -6,8 +6,8 @@ empty, and blocks above the mmap threshold are mmap-ed and unmapped every time: 
 touches fresh pages, and the kernel zeroes them on first write. The AAHR demo step took about
 44,000 page faults (170 MB of fresh pages) per step, a quarter of the process's CPU time in the
 kernel. One arena, no mmap-ed blocks and no trimming make the step reuse its memory: 0.5 M
-instead of 27.6 M page faults over one demo epoch, and 24% more examples per second, with
-bit-identical results (memory placement does not change what is computed). The price is that
+instead of 27.6 M page faults over one demo epoch, and about a fifth more examples per second,
+with bit-identical results (memory placement does not change what is computed). The price is that
 the process keeps its peak heap size until it exits.
 
 Call `configure()` first thing in a process, before JAX (or anything else) starts threads.
@@ -39,6 +39,6 @@ def configure() -> bool:
     return False
   mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
   mallopt.restype = ctypes.c_int
-  # mallopt returns 1 on success; all three or the defaults stay meaningful either way.
+  # mallopt returns 1 on success; a setting it refuses leaves that default in place.
   return all(mallopt(param, value) == 1 for param, value in
              ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
