@@ -15,11 +15,16 @@ $(VENV)/.installed: requirements.txt
 demo: $(VENV)/.installed
 	$(PY) main.py --config configs/demo.py --workdir runs/demo
 
+# Test files run on TEST_WORKERS pytest-xdist workers, one file per worker at a time (most tests
+# compile on one core). TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: $(VENV)/.installed
-	$(PY) -m pytest -q --durations=15 tests
+	$(PYTEST) --durations=15 tests
 
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 clean:
 	rm -rf runs
@@ -37,4 +42,4 @@ $(VENV_NEXT)/.installed: requirements.txt .ci/jax_next.txt
 	touch $@
 
 test-next: $(VENV_NEXT)/.installed
-	$(VENV_NEXT)/bin/python -m pytest -q tests
+	$(VENV_NEXT)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests

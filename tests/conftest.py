@@ -1,6 +1,11 @@
 """Shared test setup: offline, CPU, repository root importable, the `slow` marker, a compilation
 cache shared by the session's processes, and the session's tiny AAHR reference run
-(`scaling_dir`)."""
+(`scaling_dir`).
+
+`make test` runs the files on two pytest-xdist workers (`-n 2 --dist loadfile`): a file's tests
+share one worker, so module fixtures are built once; what the whole session shares (the
+compilation cache, `scaling_dir`) is shared by the workers too.
+"""
 
 import os
 import shutil
@@ -21,12 +26,15 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # Tests compile the same steps again and again, in this process and in the `main.py` processes
 # they start (resume, preemption, layouts): they share one compilation cache for the session
 # (set before JAX is imported; main.py and the subprocesses read the variable). A developer's own
-# JAX_COMPILATION_CACHE_DIR is left alone.
+# JAX_COMPILATION_CACHE_DIR is left alone. xdist's workers inherit the variable from the
+# controlling process, which imports this file first and removes the folder at the end; JAX
+# locks the folder for its reads and writes (main.py sets a size limit, which turns the lock on).
 _SESSION_CACHE = None
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   _SESSION_CACHE = tempfile.mkdtemp(prefix='aahr_test_xla_cache_')
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _SESSION_CACHE
 
+import filelock  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
 
 import scaling_runs  # pylint: disable=wrong-import-position
@@ -44,5 +52,11 @@ def pytest_unconfigure(config):
 
 @pytest.fixture(scope='session')
 def scaling_dir(tmp_path_factory):
-  """The shared data_dir and the 8-device reference run (built once per session)."""
-  return scaling_runs.prepared_base(tmp_path_factory.getbasetemp() / 'scaling')
+  """The shared data_dir and the 8-device reference run, built once per session: under xdist by
+  the first worker that asks, in the folder the workers' temporary folders share, while the
+  others wait."""
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    base = base.parent  # <basetemp>/popen-gw0 -> <basetemp>, the same for every worker
+  with filelock.FileLock(str(base / 'scaling.lock')):
+    return scaling_runs.prepared_base(base / 'scaling')
