@@ -1,4 +1,7 @@
 # `make demo` and `make test` create the virtualenv on first use (plain venv + pip).
+# bash with pipefail: a failing command before `| tee` fails the target.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -25,6 +28,19 @@ test: $(VENV)/.installed
 
 test-fast: $(VENV)/.installed
 	$(PYTEST) -m "not slow" tests
+
+# The CPU measurements, about 2 minutes, written to runs/bench/: the demo-sized AAHR step, JAX
+# against the PyTorch reference (eager); the training input pipeline; the evaluator at COCO-5K
+# size. The GPU comparison is benchmarks/gpu_suite.sh (docs/performance.md).
+BENCH := runs/bench
+
+bench: $(VENV)/.installed
+	mkdir -p $(BENCH)
+	$(PY) -m benchmarks.train_step --config configs/demo.py:model=aahr --steps 10 \
+	  --variants jax_cached,torch_eager --json $(BENCH)/train_step.json \
+	  --markdown $(BENCH)/train_step.md
+	$(PY) -m benchmarks.input_pipeline 2>&1 | tee $(BENCH)/input_pipeline.txt
+	$(PY) -m benchmarks.evaluate 2>&1 | tee $(BENCH)/evaluate.txt
 
 clean:
 	rm -rf runs
