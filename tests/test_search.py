@@ -19,13 +19,15 @@ from input_pipeline import datasets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_IMAGES = 20
-# Measured on this configuration (seeded, 2-core CPU, ~100 s): the ground-truth image is in the
-# top 5 for 0.46 of the 100 test captions (chance: 5/20 = 0.25); the evaluation's t2i R@5 is 46.0.
-MIN_TOP5_HIT_RATE = 0.40
+# Measured on this configuration (seeded, 2-core CPU, ~50 s of training): the evaluation's t2i
+# R@5 is 85.0, so the ground-truth image is in the top 5 for 0.85 of the 100 test captions
+# (chance: 5/20 = 0.25). Eight epochs selected a checkpoint of the first four and printed the
+# same table; two epochs give 75.0.
+MIN_TOP5_HIT_RATE = 0.70
 
 
 def search_config():
-  c = demo.get_config('model=gpo,epochs=8,train_images=800,batch_size=32,embed_size=64,'
+  c = demo.get_config('model=gpo,epochs=4,train_images=800,batch_size=32,embed_size=64,'
                       'bert_width=64')
   c.data.synthetic.dev = 20
   c.data.synthetic.test = TEST_IMAGES
