@@ -26,13 +26,15 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # Tests compile the same steps again and again, in this process and in the `main.py` processes
 # they start (resume, preemption, layouts): they share one compilation cache for the session
 # (set before JAX is imported; main.py and the subprocesses read the variable). A developer's own
-# JAX_COMPILATION_CACHE_DIR is left alone. xdist's workers inherit the variable from the
-# controlling process, which imports this file first and removes the folder at the end; JAX
-# locks the folder for its reads and writes (main.py sets a size limit, which turns the lock on).
+# JAX_COMPILATION_CACHE_DIR is left alone. xdist's workers inherit the variables from the
+# controlling process, which imports this file first and removes the folder at the end. With a
+# size limit JAX locks the folder for every read and write, so one process never reads an entry
+# another is writing (main.py sets one; the tests that compile in their own process get it here).
 _SESSION_CACHE = None
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   _SESSION_CACHE = tempfile.mkdtemp(prefix='aahr_test_xla_cache_')
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _SESSION_CACHE
+os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(4 * 2**30))
 
 import filelock  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
