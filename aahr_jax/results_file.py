@@ -3,12 +3,16 @@
 `np.save(path, {'npts': n, 'sims': S})`: a pickled 0-d object array holding a dict, `npts` the
 number of images (Python int), `sims` float64 [npts, 5 * npts] (rows images in split order,
 columns captions in file order). VSE-infinity's and AAHR's `eval_ensemble` and AAHR's
-`eccv_caption_test.py` read it; so does `--mode eval --results a.npy[,b.npy]` here.
+`eccv_caption_test.py` read it; so does `--mode eval --results a.npy[,b.npy]` here, with an
+unpickler that builds only numbers and numpy arrays (numpy_pickle.py): a shared file cannot run
+code.
 """
 
 import os
 
 import numpy as np
+
+from aahr_jax import numpy_pickle
 
 
 def file_name(dataset: str) -> str:
@@ -29,13 +33,25 @@ def read(path: str) -> np.ndarray:
     raise FileNotFoundError(f'results file not found: {path} (expected a results_<dataset>.npy '
                             'written by evalrank(..., save=True) or --config.eval.save_sims=True)')
   try:
-    content = np.load(path, allow_pickle=True).tolist()
+    content = numpy_pickle.load_object_npy(path)
+  except numpy_pickle.ForbiddenContentError as e:
+    raise numpy_pickle.ForbiddenContentError(
+        f'{path} refused: it asks the unpickler for {e}, but a results file holds only numbers '
+        'and numpy arrays (a pickle that calls other things can run any code); re-save the '
+        "matrix as np.save(path, {'npts': n, 'sims': sims})") from None
   except (OSError, ValueError) as e:
     raise ValueError(f'{path}: not a readable .npy file ({e})') from e
+  content = content.item() if content.shape == () and content.dtype.hasobject else content
   if not isinstance(content, dict) or not {'npts', 'sims'} <= set(content):
     raise ValueError(f"{path}: expected the dict {{'npts', 'sims'}} of the original evaluators, "
                      f'got {type(content).__name__}')
-  npts, sims = int(content['npts']), np.asarray(content['sims'], np.float64)
+  npts, sims = content['npts'], content['sims']
+  if not (isinstance(npts, (int, np.integer)) and isinstance(sims, np.ndarray)
+          and sims.dtype.kind in 'fiu'):
+    raise ValueError(f"{path}: expected 'npts' an integer and 'sims' a numeric array, got "
+                     f'{type(npts).__name__} and {type(sims).__name__} '
+                     f"{getattr(sims, 'dtype', '')}".rstrip())
+  npts, sims = int(npts), sims.astype(np.float64)
   if sims.shape != (npts, 5 * npts):
     raise ValueError(f'{path}: sims has shape {sims.shape}, but npts = {npts} needs '
                      f'({npts}, {5 * npts})')

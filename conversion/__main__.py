@@ -4,7 +4,10 @@ import argparse
 import importlib
 import sys
 
-from conversion import ConversionError
+from conversion import ConversionError, torch_load
+
+# A wrong or refused input file: one `error:` line and this status, as main.py does.
+EXIT_BAD_INPUT = 2
 
 # Subcommand name -> module. Each module provides `add_arguments(parser)`, `DESCRIPTION` and
 # `run(args) -> int`; it is imported only when chosen, so torch loads only when needed.
@@ -26,12 +29,13 @@ def main(argv=None) -> int:
     modules[name] = module
     sub = subparsers.add_parser(name, help=module.DESCRIPTION, description=module.DESCRIPTION)
     module.add_arguments(sub)
+    torch_load.add_trust_flag(sub)
   args = parser.parse_args(argv)
   try:
     return modules[args.subcommand].run(args)
   except ConversionError as e:
     print(f'error: {e}', file=sys.stderr)
-    return 1
+    return EXIT_BAD_INPUT
 
 
 if __name__ == '__main__':

@@ -14,7 +14,7 @@ import re
 
 import numpy as np
 
-from conversion import ConversionError, flax_file, key_table
+from conversion import ConversionError, flax_file, key_table, torch_load
 from conversion.key_table import Rule, transpose
 from conversion.torch_checkpoint import read_state_dict, short_list
 
@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
   flax_file.check_out_path(args.out)
-  state, path = read_state_dict(args.src, WEIGHT_FILES)
+  state, path = read_state_dict(args.src, WEIGHT_FILES, torch_load.trust_requested(args))
   state = normalize_keys(state, path)
   config = resolve_config(args.src, args.config, state)
   flat = convert_state_dict(state, config, what=str(path))

@@ -18,7 +18,7 @@ import re
 
 import numpy as np
 
-from conversion import ConversionError, flax_file, key_table
+from conversion import ConversionError, flax_file, key_table, torch_load
 from conversion.key_table import Rule, conv_oihw_to_hwio, transpose
 from conversion.torch_checkpoint import read_state_dict, short_list
 
@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
   flax_file.check_out_path(args.out)
   model_cfg = open_clip_model_config(args.model, args.quick_gelu)
-  state, path = read_state_dict(args.src, WEIGHT_FILES)
+  state, path = read_state_dict(args.src, WEIGHT_FILES, torch_load.trust_requested(args))
   state = normalize_keys(state, path)
   config = clip_config(model_cfg, args.model, has_vision=has_vision(state),
                        has_text=has_text(state))

@@ -9,7 +9,7 @@ from typing import Iterable
 
 import numpy as np
 
-from conversion import ConversionError
+from conversion import ConversionError, torch_load
 
 WEIGHT_SUFFIXES = ('.safetensors', '.bin', '.pt', '.pth')
 # Entries under which training scripts nest the weights ({'state_dict': ..., 'optimizer': ...}).
@@ -37,23 +37,24 @@ def find_weights_file(src: pathlib.Path, preferred_names: Iterable[str]) -> path
       f'pass the file itself as --src (expected one of {short_list(preferred_names)}).')
 
 
-def read_state_dict(src: str | pathlib.Path,
-                    preferred_names: Iterable[str]) -> tuple[dict[str, np.ndarray], pathlib.Path]:
+def read_state_dict(src: str | pathlib.Path, preferred_names: Iterable[str],
+                    trust_pickle: bool = False) -> tuple[dict[str, np.ndarray], pathlib.Path]:
   """Returns (state dict as float32 numpy arrays, path of the file read).
 
   `src` may be a weights file or a folder holding one (or an HF `*.index.json` shard index).
+  Pickled files are read by `torch_load.load`: nothing in them runs unless trust_pickle.
   """
   src = pathlib.Path(src)
   if not src.exists():
     raise ConversionError(f'--src {src} does not exist; pass a checkpoint file or model folder.')
   path = find_weights_file(src, preferred_names) if src.is_dir() else src
   if path.name.endswith('.index.json'):
-    return _read_sharded(path), path
-  state = _read_one_file(path)
+    return _read_sharded(path, trust_pickle), path
+  state = _read_one_file(path, trust_pickle)
   return _unwrap(state, path), path
 
 
-def _read_sharded(index_path: pathlib.Path) -> dict[str, np.ndarray]:
+def _read_sharded(index_path: pathlib.Path, trust_pickle: bool) -> dict[str, np.ndarray]:
   try:
     shards = sorted(set(json.loads(index_path.read_text())['weight_map'].values()))
   except (OSError, ValueError, KeyError) as e:
@@ -61,11 +62,12 @@ def _read_sharded(index_path: pathlib.Path) -> dict[str, np.ndarray]:
                           'pass a single weights file as --src instead.') from e
   state = {}
   for shard in shards:
-    state.update(_unwrap(_read_one_file(index_path.parent / shard), index_path.parent / shard))
+    shard_path = index_path.parent / shard
+    state.update(_unwrap(_read_one_file(shard_path, trust_pickle), shard_path))
   return state
 
 
-def _read_one_file(path: pathlib.Path) -> dict:
+def _read_one_file(path: pathlib.Path, trust_pickle: bool) -> dict:
   if path.suffix not in WEIGHT_SUFFIXES:
     raise ConversionError(f'--src {path} is not a {"/".join(WEIGHT_SUFFIXES)} file; '
                           'pass a PyTorch checkpoint or a model folder.')
@@ -73,7 +75,7 @@ def _read_one_file(path: pathlib.Path) -> dict:
     if path.suffix == '.safetensors':
       from safetensors.torch import load_file
       return load_file(str(path), device='cpu')
-    return _torch_load(path)
+    return torch_load.load(path, trust_pickle)
   except ConversionError:
     raise
   except Exception as e:  # torch/safetensors raise many types for damaged files
@@ -81,17 +83,6 @@ def _read_one_file(path: pathlib.Path) -> dict:
     raise ConversionError(
         f'cannot read checkpoint {path} ({type(e).__name__}: {reason}); the file is truncated, '
         'damaged or not a PyTorch checkpoint: download or save it again.') from e
-
-
-def _torch_load(path: pathlib.Path):
-  import torch
-  try:
-    return torch.load(str(path), map_location='cpu', weights_only=True)
-  except RuntimeError as e:
-    # OpenAI's original CLIP files are TorchScript archives, which torch.load refuses.
-    if 'TorchScript' not in str(e) and 'torch.jit.load' not in str(e):
-      raise
-  return torch.jit.load(str(path), map_location='cpu').state_dict()
 
 
 def _unwrap(checkpoint, path: pathlib.Path) -> dict[str, np.ndarray]:

@@ -14,11 +14,10 @@ import argparse
 import dataclasses
 import pathlib
 import re
-import sys
 
 import numpy as np
 
-from conversion import ConversionError, key_table
+from conversion import ConversionError, key_table, torch_load
 from conversion.key_table import Rule
 from conversion.torch_checkpoint import short_list
 
@@ -36,13 +35,15 @@ class OriginalCheckpoint:
   path: pathlib.Path
 
 
-def read(src: str | pathlib.Path) -> OriginalCheckpoint:
-  """Reads model_best.pth / checkpoint.pth(.tar) written by the original train.py."""
+def read(src: str | pathlib.Path, trust_pickle: bool = False) -> OriginalCheckpoint:
+  """Reads model_best.pth / checkpoint.pth(.tar) written by the original train.py; the pickle's
+  only class beyond tensors and numbers is the options' argparse.Namespace, so nothing in the
+  file runs unless trust_pickle (conversion/torch_load.py)."""
   path = pathlib.Path(src)
   if not path.is_file():
     raise ConversionError(f'--src {path} is not a file; pass the model_best.pth written by the '
                           'original train.py.')
-  checkpoint = _torch_load(path)
+  checkpoint = _torch_load(path, trust_pickle)
   if not isinstance(checkpoint, dict) or 'model' not in checkpoint:
     found = (f'a dict with keys {short_list(map(str, checkpoint))}'
              if isinstance(checkpoint, dict) else f'a {type(checkpoint).__name__}')
@@ -79,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser, src_help: str) -> None:
 def run_import(args: argparse.Namespace, convert, method: str) -> int:
   """Reads args.src, converts it with `convert(checkpoint, bert_config)`, writes args.out."""
   from aahr_jax import inference  # pylint: disable=import-outside-toplevel
-  checkpoint = read(args.src)
+  checkpoint = read(args.src, torch_load.trust_requested(args))
   model_config, variables, inputs = convert(checkpoint, args.bert_config)
   inference.write_converted_dir(args.out, model_config, variables, inputs,
                                 source=str(checkpoint.path), original=checkpoint.info)
@@ -89,25 +90,15 @@ def run_import(args: argparse.Namespace, convert, method: str) -> int:
   return 0
 
 
-def _torch_load(path: pathlib.Path):
-  import pickle
-  import torch
+def _torch_load(path: pathlib.Path, trust_pickle: bool):
   try:
-    # The files pickle an argparse.Namespace next to the tensors: allow just that class.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-      return torch.load(str(path), map_location='cpu', weights_only=True)
-  except pickle.UnpicklingError as e:
-    first_line = str(e).strip().splitlines()[-1] if str(e).strip() else ''
-    print(f'note: {path} needs full unpickling ({first_line[:160]}); loading it the way the '
-          'original code does. Only convert files you trust.', file=sys.stderr)
+    return torch_load.load(path, trust_pickle)
+  except ConversionError:
+    raise
   except Exception as e:  # damaged or foreign files raise many types
-    raise ConversionError(f'cannot read {path} ({type(e).__name__}: '
-                          f'{str(e).strip().splitlines()[0] if str(e).strip() else ""}); the '
-                          'file is truncated, damaged or not a PyTorch checkpoint.') from e
-  try:
-    return torch.load(str(path), map_location='cpu', weights_only=False)
-  except Exception as e:
-    raise ConversionError(f'cannot read {path} ({type(e).__name__}: {e}).') from e
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ConversionError(f'cannot read {path} ({type(e).__name__}: {reason}); the file is '
+                          'truncated, damaged or not a PyTorch checkpoint.') from e
 
 
 def _plain(value):

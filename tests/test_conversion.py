@@ -229,5 +229,5 @@ def test_cli_exit_status_and_single_line(tmp_path):
       [sys.executable, '-m', 'conversion', 'open_clip', '--model', 'no-such-model',
        '--src', str(tmp_path / 'none.bin'), '--out', str(tmp_path / 'x.safetensors')],
       cwd=ROOT, capture_output=True, text=True, timeout=120)
-  assert result.returncode == 1
+  assert result.returncode == 2
   assert result.stderr.strip().count('\n') == 0 and 'no-such-model' in result.stderr
