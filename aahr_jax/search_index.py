@@ -81,7 +81,11 @@ def load_index(workdir: str, split_name: str) -> tuple[np.ndarray, dict] | None:
     return None
   with open(meta_path, encoding='utf-8') as f:
     meta = json.load(f)
-  return np.load(images_path), meta
+  try:
+    return np.load(images_path, allow_pickle=False), meta   # a pickled file would run code
+  except ValueError as e:
+    raise ValueError(f'{images_path}: not a float array of image embeddings ({e}); delete it '
+                     'and the search rebuilds the index') from None
 
 
 def open_index(retriever, config, workdir: str, split_name: str) -> tuple[np.ndarray, dict]:
