@@ -33,7 +33,8 @@ def _reconstruct(subtype, shape, dtype):
   """numpy's `_reconstruct`, for plain ndarrays only (the file then sets their state)."""
   if subtype is not _NDARRAY:
     raise ForbiddenContentError(f'_reconstruct of {type(subtype).__name__}, not numpy.ndarray')
-  return np._core.multiarray._reconstruct(np.ndarray, shape, dtype)  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  return np._core.multiarray._reconstruct(np.ndarray, shape, dtype)
 
 
 # (module, name) -> object, for numpy 1.x files (numpy.core) and numpy 2.x files (numpy._core).
