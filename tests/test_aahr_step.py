@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from aahr_jax import aahr_step
 from aahr_jax import optim
 from aahr_jax import train
 from aahr_jax.models import aahr
@@ -66,13 +67,32 @@ def setup():
   return config, state, step
 
 
+def assert_momentum_is_the_ema(config, before, after):
+  """The key encoders after a step are m * keys + (1 - m) * the query encoders before its
+  update, to float32 round-off: the EMA is recomputed here in float64 from the float32 inputs,
+  and a float32 result may differ from it by its own rounding plus that of the two products
+  (3 ulp; 0.9995 for 0.999 moves an element by 5e-4 |key - query|, >= 1e-4 after displacing)."""
+  m = config.moco.momentum
+  for name in aahr_step.ENCODERS:
+    keys = jax.tree.leaves(jax.device_get(before.extra['momentum'][name]))
+    queries = jax.tree.leaves(jax.device_get(before.params[name]))
+    got = jax.tree.leaves(jax.device_get(after.extra['momentum'][name]))
+    assert len(keys) == len(queries) == len(got)
+    for k, q, g in zip(keys, queries, got):
+      want = m * np.asarray(k, np.float64) + (1 - m) * np.asarray(q, np.float64)
+      scale = np.max([np.abs(want), np.abs(np.asarray(k)), np.abs(np.asarray(q))], axis=0)
+      ulp = np.spacing(scale.astype(np.float32))
+      assert np.all(np.abs(np.asarray(g, np.float64) - want) <= 3 * ulp), name
+
+
 def test_gates_terms_queues_and_momentum(setup):
   config, state, step = setup
   first_params = jax.device_get(state.params)
-  history = []
+  history, states = [], [jax.device_get(state)]
   for i in range(5):
     previous = state
     state, metrics = step(state, random_batch(config, i))
+    states.append(jax.device_get(state))
     metrics = jax.device_get(metrics)
     history.append(metrics)
     assert int(state.extra['queue_ptr']) == ((i + 1) * B) % config.moco.queue_length
@@ -98,13 +118,13 @@ def test_gates_terms_queues_and_momentum(setup):
   rel_before = jax.tree.leaves(first_params['criterion']['relation'])
   rel_after = jax.tree.leaves(jax.device_get(state.params['criterion']['relation']))
   assert any(not np.allclose(a, b) for a, b in zip(rel_before, rel_after))
-  # Momentum encoders trail the query encoders by an EMA of factor 0.999.
-  key_leaf = jax.tree.leaves(state.extra['momentum']['img'])[0]
-  query_leaf = jax.tree.leaves(state.params['img'])[0]
-  first_leaf = jax.tree.leaves(first_params['img'])[0]
-  assert not np.allclose(key_leaf, query_leaf)
-  assert np.abs(np.asarray(key_leaf) - first_leaf).max() < 0.01 * np.abs(
-      np.asarray(query_leaf) - first_leaf).max() + 1e-7
+  assert config.moco.momentum == 0.999
+  for before, after in zip(states, states[1:]):
+    assert_momentum_is_the_ema(config, before, after)
+  # From key encoders far from the query encoders (a factor off by 5e-4 moves them ~1e-4).
+  displaced = state.replace(extra=dict(state.extra, momentum=jax.tree.map(
+      lambda k: k + 0.5, state.extra['momentum'])))
+  assert_momentum_is_the_ema(config, displaced, step(displaced, random_batch(config, 5))[0])
 
 
 def test_relation_parameters_frozen_before_warmup(setup):
@@ -122,9 +142,17 @@ def test_non_finite_batch_skips_the_update(setup):
   batch['clip_text'][0, 0] = np.nan
   new_state, metrics = step(state, batch)
   assert int(metrics['skipped']) == 1
-  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(new_state.params)):
+  # The whole train state is as it was (parameters, the optimizer's moments and counts,
+  # BatchNorm statistics, rng, queues and their pointer) but the step counter and the momentum
+  # encoders, which move on as in the original (quirk Q25).
+  before, after = jax.device_get(state), jax.device_get(new_state)
+  kept = lambda s: (s.params, s.opt_state, s.batch_stats, s.rng,
+                    {k: v for k, v in s.extra.items() if k != 'momentum'})
+  assert jax.tree.structure(kept(before)) == jax.tree.structure(kept(after))
+  for a, b in zip(jax.tree.leaves(kept(before)), jax.tree.leaves(kept(after))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert int(new_state.step) == int(state.step) + 1  # counters move on (quirk Q25)
+  assert int(after.step) == int(before.step) + 1
+  assert_momentum_is_the_ema(config, before, after)
   # The NaN reaches the momentum keys too: they must not enter the queues (else every later
   # InfoNCE term is NaN until the ring buffer comes round); the EMA still moves (Q25).
   assert int(new_state.extra['queue_ptr']) == int(state.extra['queue_ptr'])
@@ -133,6 +161,11 @@ def test_non_finite_batch_skips_the_update(setup):
   later, metrics = step(new_state, random_batch(config, 21))
   assert int(metrics['skipped']) == 0 and np.isfinite(float(metrics['loss_moco']))
   assert int(later.extra['queue_ptr']) != int(new_state.extra['queue_ptr'])
+  # A finite step moves every part the skipped one kept (so the checks above can fail).
+  moved = jax.device_get(later)
+  for part in ('opt_state', 'batch_stats'):
+    assert any(not np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(getattr(after, part)), jax.tree.leaves(getattr(moved, part)))), part
 
 
 def test_caption_chunks_give_the_same_step(setup):

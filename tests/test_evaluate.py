@@ -86,12 +86,48 @@ def test_ties_follow_the_original_argsort(seed, protocol, tile):
   assert results['ties']['i2t_tied'] > 0 and results['ties']['t2i_tied'] > 0
   bounds = results['tie_bounds']['all']
   assert bounds['pessimistic']['rsum'] <= results['all']['rsum'] <= bounds['optimistic']['rsum']
+  optimistic, pessimistic = tie_ranks_by_hand(exact)
+  assert_tie_ranks(scores.ranks(), optimistic, pessimistic)
+  assert bounds['optimistic'] == metrics.metrics_from_ranks(*optimistic)
+  assert bounds['pessimistic'] == metrics.metrics_from_ranks(*pessimistic)
   if protocol == 'coco':
     m = n // 5
-    folds = [original_i2t_t2i(exact[f * m:(f + 1) * m, 5 * f * m:5 * (f + 1) * m])
-             for f in range(5)]
-    for got, want in zip(results['folds'], folds):
+    blocks = [exact[f * m:(f + 1) * m, 5 * f * m:5 * (f + 1) * m] for f in range(5)]
+    for got, want in zip(results['folds'], [original_i2t_t2i(b) for b in blocks]):
       assert_same(got, want)
+    for f, block in enumerate(blocks):
+      assert_tie_ranks(scores.ranks(f, f + 1), *tie_ranks_by_hand(block))
+
+
+def tie_ranks_by_hand(sims):
+  """((i2t, t2i) optimistic, (i2t, t2i) pessimistic) 0-based ranks, one loop per row and column:
+  optimistic counts the scores above the positive (an image's best own caption, a caption's own
+  image), pessimistic also every non-positive equal to it."""
+  n = sims.shape[0]
+  i2t_opt, i2t_pes = [], []
+  for i in range(n):
+    own = set(range(5 * i, 5 * i + 5))
+    best = max(sims[i, c] for c in own)
+    above = sum(1 for c in range(5 * n) if sims[i, c] > best)
+    tied = sum(1 for c in range(5 * n) if sims[i, c] == best and c not in own)
+    i2t_opt.append(above)
+    i2t_pes.append(above + tied)
+  t2i_opt, t2i_pes = [], []
+  for c in range(5 * n):
+    positive = sims[c // 5, c]
+    above = sum(1 for i in range(n) if sims[i, c] > positive)
+    tied = sum(1 for i in range(n) if sims[i, c] == positive and i != c // 5)
+    t2i_opt.append(above)
+    t2i_pes.append(above + tied)
+  return (np.array(i2t_opt), np.array(t2i_opt)), (np.array(i2t_pes), np.array(t2i_pes))
+
+
+def assert_tie_ranks(ranks, optimistic, pessimistic):
+  np.testing.assert_array_equal(ranks.i2t_optimistic, optimistic[0])
+  np.testing.assert_array_equal(ranks.t2i_optimistic, optimistic[1])
+  np.testing.assert_array_equal(ranks.i2t_pessimistic, pessimistic[0])
+  np.testing.assert_array_equal(ranks.t2i_pessimistic, pessimistic[1])
+  assert np.any(pessimistic[0] > optimistic[0]) and np.any(pessimistic[1] > optimistic[1])
 
 
 def test_results_file_round_trip_and_layout(tmp_path):
