@@ -34,6 +34,10 @@ OPENAI_CLIP_ALTERNATIVE = ('convert the safetensors copy of the same weights ins
                            'timm/vit_base_patch32_clip_224.openai for ViT-B-32)')
 
 
+# Before 2.6 a crafted file could run code through the weights-only loader too (CVE-2025-32434).
+FIRST_SAFE_TORCH = (2, 6)
+
+
 class UntrustedFileError(ConversionError):
   """The file needs code execution to load and the user did not pass --trust_pickle."""
 
@@ -69,6 +73,12 @@ def load(path: str | pathlib.Path, trust_pickle: bool = False):
     return torch.jit.load(str(path), map_location='cpu').state_dict()
   if trust_pickle:
     return torch.load(str(path), map_location='cpu', weights_only=False)
+  version = tuple(int(part) for part in re.findall(r'\d+', torch.__version__)[:2])
+  if version < FIRST_SAFE_TORCH:
+    raise UntrustedFileError(
+        f'cannot read {path} safely with torch {torch.__version__}: before 2.6 its weights-only '
+        'loader could be made to run code (CVE-2025-32434); install the torch of '
+        f'requirements.txt, or pass {TRUST_FLAG} if you trust the file.')
   with torch.serialization.safe_globals(list(ALLOWED_CLASSES)):
     try:
       return torch.load(str(path), map_location='cpu', weights_only=True)

@@ -102,6 +102,15 @@ def test_original_layout_loads_without_the_flag(tmp_path):
   assert set(checkpoint.image) == {'fc.weight'} and set(checkpoint.text) == {'linear.weight'}
 
 
+def test_torch_before_2_6_is_not_trusted_to_load_weights_only(tmp_path, monkeypatch):
+  src = tmp_path / 'pytorch_model.bin'
+  torch.save(tensors('encoder.weight'), src)
+  monkeypatch.setattr(torch, '__version__', '2.5.1+cu124')
+  with pytest.raises(torch_load.UntrustedFileError, match='CVE-2025-32434') as refusal:
+    torch_load.load(src)
+  assert str(src) in str(refusal.value) and '--trust_pickle' in str(refusal.value)
+
+
 @pytest.mark.parametrize('subcommand', ['aahr', 'bert'])
 def test_trust_pickle_runs_the_file_as_documented(subcommand, tmp_path, capsys):
   marker = tmp_path / 'ran'
