@@ -21,6 +21,7 @@ import numpy as np
 from aahr_jax import clip_zeroshot
 from aahr_jax import evaluate
 from aahr_jax import inference
+from aahr_jax import multi_positive
 from aahr_jax import search_index
 from aahr_jax.models import aahr
 from input_pipeline import datasets
@@ -44,8 +45,10 @@ def run_eval(config, workdir: str, checkpoints: list[str], results: list[str]) -
     if checkpoints:
       raise ValueError('--results re-scores saved matrices; it cannot be combined with '
                        '--checkpoint')
-    return evaluate.evaluate_results_files(results, protocol=config.eval.protocol,
-                                           workdir=workdir, split_name=config.data.eval_split)
+    split_name = config.data.eval_split
+    return evaluate.evaluate_results_files(
+        results, protocol=config.eval.protocol, workdir=workdir, split_name=split_name,
+        ground_truth=multi_positive.for_config(config, workdir, split_name))
   if len(checkpoints) > 1 or (checkpoints and _is_path(checkpoints[0])):
     return evaluate_ensemble(config, workdir, checkpoints)
   from aahr_jax import train  # pylint: disable=import-outside-toplevel
@@ -84,7 +87,8 @@ def evaluate_ensemble(config, workdir: str, specs: list[str]) -> dict:
       images, captions, split_name=split_name, protocol=config.eval.protocol, workdir=workdir,
       header_extra={'checkpoint': f'ensemble of {len(names)}: ' + ' + '.join(names),
                     'ensemble': names, 'selection_split': _selection_of(workdir)},
-      save_sims=config.eval.get('save_sims', False), dataset=config.data.name, tag='ensemble')
+      save_sims=config.eval.get('save_sims', False), dataset=config.data.name, tag='ensemble',
+      ground_truth=multi_positive.for_config(config, workdir, split_name, split))
 
 
 def _selection_of(workdir: str) -> str:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from aahr_jax import blockwise_ranks
+from aahr_jax import multi_positive_report
 from aahr_jax import multihost
 from aahr_jax import recall_plot
 from aahr_jax import results_file
@@ -229,6 +230,8 @@ def format_results(results: dict, header: dict) -> str:
     lines.append('-' * 60)
     lines.append('Mean metrics: ')
     lines += _block(results['fold_mean'])
+  if 'multi_positive' in results:
+    lines += multi_positive_report.format_block(results['multi_positive'])
   return '\n'.join(lines)
 
 
@@ -263,6 +266,12 @@ def report(results: dict, header: dict, *, workdir: str | None, split_name: str,
     json.dump({**header, **results}, f, indent=2)
   recall_plot.draw(results['curves'], os.path.join(out_dir, f'{split_name}{suffix}_recall.png'),
                    title=f'{header.get("checkpoint", "")} on {split_name}: recall@K')
+  if 'multi_positive' in results:
+    multi_positive_report.draw(
+        results['multi_positive'], os.path.join(out_dir, f'{split_name}{suffix}_multi_positive.png'),
+        title=f'{header.get("checkpoint", "")} on {split_name}: multi-positive metrics')
+    multi_positive_report.write_tensorboard(results['multi_positive'], workdir,
+                                            f'{split_name}{suffix}')
   if sims_matrix is not None:
     path = os.path.join(workdir, results_file.file_name(f'{dataset or split_name}{suffix}'))
     print(f'Save the similarity into {path}', flush=True)
@@ -272,11 +281,14 @@ def report(results: dict, header: dict, *, workdir: str | None, split_name: str,
 def evaluate_embeddings(image_embs, caption_embs, *, split_name: str, protocol: str,
                         workdir: str | None, header_extra: dict | None = None,
                         save_sims: bool = False, dataset: str | None = None,
-                        tile: int = blockwise_ranks.DEFAULT_TILE, tag: str = '') -> dict:
+                        tile: int = blockwise_ranks.DEFAULT_TILE, tag: str = '',
+                        ground_truth=None) -> dict:
   """Fast mode from embeddings: tiled scores and ranks, table, JSON, plot, optional npy (their
-  names carry `tag`, see `report`)."""
+  names carry `tag`, see `report`); with a `multi_positive.GroundTruth`, its metrics too."""
   start = time.time()
   results, scores = metrics_from_embeddings(image_embs, caption_embs, protocol, tile)
+  if ground_truth is not None:
+    results['multi_positive'] = ground_truth.evaluate(scores)
   header = {'split': split_name, 'images': int(scores.num_images),
             'captions': int(5 * scores.num_images), 'protocol': protocol, 'mode': 'fast',
             **(header_extra or {}), 'seconds': time.time() - start}
@@ -288,24 +300,28 @@ def evaluate_embeddings(image_embs, caption_embs, *, split_name: str, protocol: 
 def evaluate(model, variables, split: loader.SplitSource, *, split_name: str, mesh,
              batch_size: int, text: loader.TextOptions, protocol: str, workdir: str | None,
              header_extra: dict | None = None, save_sims: bool = False,
-             dataset: str | None = None) -> dict:
-  """Encodes, scores, prints the table and writes eval/<split>.json (process 0)."""
+             dataset: str | None = None, ground_truth=None) -> dict:
+  """Encodes, scores, prints the table and writes eval/<split>.json (process 0); with a
+  `multi_positive.GroundTruth`, the multi-positive metrics too."""
   start = time.time()
   image_embs, caption_embs = encode_split(model, variables, split, mesh=mesh,
                                           batch_size=batch_size, text=text)
   extra = {**(header_extra or {}), 'encode_seconds': time.time() - start}
   return evaluate_embeddings(image_embs, caption_embs, split_name=split_name, protocol=protocol,
                              workdir=workdir, header_extra=extra, save_sims=save_sims,
-                             dataset=dataset)
+                             dataset=dataset, ground_truth=ground_truth)
 
 
 def evaluate_results_files(paths: list[str], *, protocol: str, workdir: str | None,
-                           split_name: str) -> dict:
+                           split_name: str, ground_truth=None) -> dict:
   """Reference mode: re-scores results_*.npy files (averaged when several: an ensemble) with
-  the original procedure on the host (float64, argsort order inside ties)."""
+  the original procedure on the host (float64, argsort order inside ties); with a
+  `multi_positive.GroundTruth`, the multi-positive metrics too."""
   start = time.time()
   sims = results_file.read_average(paths)
   results = metrics_for_protocol(sims, protocol)
+  if ground_truth is not None:
+    results['multi_positive'] = ground_truth.evaluate(sims)
   header = {'split': split_name, 'images': int(sims.shape[0]), 'captions': int(sims.shape[1]),
             'protocol': protocol, 'mode': 'reference', 'checkpoint': ' + '.join(paths),
             'seconds': time.time() - start}

@@ -24,6 +24,7 @@ from aahr_jax import checkpoint
 from aahr_jax import config_checks
 from aahr_jax import evaluate
 from aahr_jax import losses
+from aahr_jax import multi_positive
 from aahr_jax import multihost
 from aahr_jax import optim
 from aahr_jax import sharding
@@ -481,7 +482,8 @@ def evaluate_state(config, workdir: str, run: dict, state: TrainState, checkpoin
       batch_size=config.eval.batch_size, text=datasets.text_options(config),
       protocol=config.eval.protocol, workdir=workdir,
       header_extra={'checkpoint': checkpoint_name, 'selection_split': selection_split},
-      save_sims=config.eval.get('save_sims', False), dataset=config.data.name)
+      save_sims=config.eval.get('save_sims', False), dataset=config.data.name,
+      ground_truth=multi_positive.for_config(config, workdir, split_name, split))
 
 
 def evaluate_checkpoint(config, workdir: str, which: str | None = None) -> dict:

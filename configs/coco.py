@@ -24,5 +24,6 @@ def get_config(arg=None):
   # (data_eval_spec.md 2.8): `--mode verify_data` reports the maximum; raise this if needed.
   c.data.max_len = 96
   c.data.eval_split = 'testall'
+  c.eval.eccv = True  # ECCV Caption / CxC on testall (eccv-caption package)
   c.model.bert_init = 'weights/bert-base-uncased.safetensors'
   return aahr_common.set_quirks(c, arg.quirks)

@@ -114,4 +114,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.every_epochs = 1        # selection evaluation period (0: off, evaluate the final step)
   c.eval.save_sims = False       # write results_<dataset>.npy ({'npts', 'sims'}, float64)
   c.eval.batch_size = 128
+  c.eval.eccv = False            # COCO testall: ECCV Caption + CxC metrics (docs/evaluation.md)
+  c.eval.pmrp_dir = ''           # folder of the two PM files: adds PMRP (with eval.eccv)
   return c

@@ -19,6 +19,7 @@ def get_config(arg=None):
   c.data.region_dim = 2048
   c.data.max_len = 64  # longest COCO eval caption: 56 BERT tokens (data_eval_spec.md 2.8)
   c.data.eval_split = 'testall'
+  c.eval.eccv = True  # ECCV Caption / CxC on testall (eccv-caption package)
   c.model.bert_init = 'weights/bert-base-uncased.safetensors'
   c.optim.lr = 5e-4
   c.optim.lr_schedules = (15,)

@@ -113,10 +113,60 @@ def is_true_of(parsed: dict, scene: list[dict]) -> bool:
   return False
 
 
+class _SceneArrays:
+  """The scenes as padded [images, max objects] attribute arrays, so that one caption is checked
+  against every scene at once (`is_true_of` per pair took 40 s of CPU for the 1,000 x 5,000
+  demo test split)."""
+
+  def __init__(self, scenes: list[list[dict]]):
+    width = max(len(s) for s in scenes)
+    self.count = np.array([len(s) for s in scenes])
+    self.present = np.arange(width)[None, :] < self.count[:, None]
+    self.attrs = {}
+    for key, empty in (('colour', None), ('shape', None), ('size', None), ('row', -1),
+                       ('col', -1)):
+      column = np.full((len(scenes), width), empty, object if empty is None else np.int64)
+      for i, scene in enumerate(scenes):
+        column[i, :len(scene)] = [o[key] for o in scene]
+      self.attrs[key] = column
+    row, col = self.attrs['row'], self.attrs['col']
+    self.relation = {  # [images, a, b]: the relation holds from object a to object b
+        'left': col[:, :, None] < col[:, None, :], 'right': col[:, :, None] > col[:, None, :],
+        'above': row[:, :, None] < row[:, None, :], 'below': row[:, :, None] > row[:, None, :]}
+    self.distinct = (~np.eye(width, dtype=bool)[None] & self.present[:, :, None]
+                     & self.present[:, None, :])
+
+  def matches(self, phrase: dict) -> np.ndarray:
+    """[images, objects]: the object fits the phrase."""
+    out = self.present.copy()
+    for k, v in phrase.items():
+      out &= self.attrs[k] == v
+    return out
+
+  def true_of(self, parsed: dict) -> np.ndarray:
+    """[images]: `is_true_of(parsed, scene)` for every scene."""
+    found = [self.matches(p) for p in parsed['objects']]
+    if parsed['kind'] == 'list':
+      hit = np.zeros(len(self.count), bool)
+      for order in itertools.permutations(range(len(found))):
+        if max(order) < found[0].shape[1]:
+          hit |= np.all([found[p][:, o] for p, o in enumerate(order)], axis=0)
+      return hit & (self.count == len(found))
+    if len(found) == 1:
+      return found[0].any(axis=1)
+    pairs = found[0][:, :, None] & found[1][:, None, :] & self.distinct
+    if parsed['relation'] is not None:
+      pairs &= self.relation[parsed['relation']]
+    return pairs.any(axis=(1, 2))
+
+
 def truth_matrix(scenes: list[list[dict]], captions: list[str]) -> np.ndarray:
-  """[images, captions] bool: caption c is true of image i."""
-  parsed = [parse_caption(c) for c in captions]
-  return np.array([[is_true_of(p, scene) for p in parsed] for scene in scenes], bool)
+  """[images, captions] bool: caption c is true of image i (`is_true_of`, all scenes at once)."""
+  arrays = _SceneArrays(scenes)
+  truth = np.zeros((len(scenes), len(captions)), bool)
+  for c, caption in enumerate(captions):
+    truth[:, c] = arrays.true_of(parse_caption(caption))
+  return truth
 
 
 def _miss_probability(n_items: int, n_marked: int, k: int) -> float:

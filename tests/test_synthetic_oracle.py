@@ -21,6 +21,18 @@ def test_every_generated_caption_parses_and_is_true_of_its_image():
   assert kinds == {'relation', 'statement', 'list', 'pair', 'partial'}
 
 
+def test_truth_matrix_is_is_true_of_on_every_pair():
+  scenes, captions = synthetic.scenes('dev', splits={'train': 1, 'dev': 80, 'test': 1},
+                                      region_dim=8)
+  expected = [[oracle.is_true_of(oracle.parse_caption(c), s) for c in captions] for s in scenes]
+  truth = oracle.truth_matrix(scenes, captions)
+  assert truth.tolist() == expected
+  assert 1.0 < truth.sum(axis=0).mean() < 80  # captions true of other images too, not of all
+  two = 'two shapes : a blue square and a red circle .'
+  assert oracle.truth_matrix([[RED_CIRCLE, BLUE_SQUARE], [RED_CIRCLE, BLUE_SQUARE, dict(
+      RED_CIRCLE, row=2)]], [two]).tolist() == [[True], [False]]  # a list names every object
+
+
 def test_parse_and_truth_on_hand_made_scenes():
   scene = [RED_CIRCLE, BLUE_SQUARE]
   swapped = [dict(RED_CIRCLE, colour='blue'), dict(BLUE_SQUARE, colour='red')]
