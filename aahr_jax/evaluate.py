@@ -230,8 +230,6 @@ def format_results(results: dict, header: dict) -> str:
     lines.append('-' * 60)
     lines.append('Mean metrics: ')
     lines += _block(results['fold_mean'])
-  if 'multi_positive' in results:
-    lines += multi_positive_report.format_block(results['multi_positive'])
   return '\n'.join(lines)
 
 
@@ -257,6 +255,8 @@ def report(results: dict, header: dict, *, workdir: str | None, split_name: str,
   print(format_results(results, header), flush=True)
   for line in _format_ties(results):
     print(line, flush=True)
+  if 'multi_positive' in results:  # after the recall table's tie lines, which belong to it
+    print('\n'.join(multi_positive_report.format_block(results['multi_positive'])), flush=True)
   if not workdir or jax.process_index() != 0:
     return
   suffix = f'_{tag}' if tag else ''
