@@ -406,9 +406,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
       if done % steps_per_epoch == 0 and selection.due(done // steps_per_epoch):
         selection.run(state, done, best_mngr)
       if guard.requested:
-        if pending is not None:
+        if pending is not None:  # else this step's periodic checkpoint is already on its way
           check_skips(*pending)
-        save(done, force=True)
+          save(done, force=True)
         mngr.wait_until_finished()
         best_mngr.wait_until_finished()
         raise TrainingStopped(f'stopped by {guard.signal_name} at step {done}; the checkpoint '

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -41,12 +42,36 @@ def final_params(workdir, config):
   return jax.device_get(state.params), meta
 
 
-def test_train_checkpoint_resume_is_exact_and_eval_reproduces(tmp_path):
+def logged(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
+    return [json.loads(line) for line in f]
+
+
+def stop_after_logging(monkeypatch, stop_step: int):
+  """The run gets SIGTERM while it logs step `stop_step`: the preemption path then checkpoints
+  that very step and stops (in this process, so the point is exact)."""
+  write = train.MetricsWriter.write
+
+  def write_then_signal(self, step, metrics):
+    write(self, step, metrics)
+    if step == stop_step:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(train.MetricsWriter, 'write', write_then_signal)
+
+
+def test_train_checkpoint_resume_is_exact_and_eval_reproduces(tmp_path, monkeypatch):
   straight, split = str(tmp_path / 'straight'), str(tmp_path / 'split')
   two_epochs = tiny_config(2)
   train.train_and_evaluate(two_epochs, straight)  # 30 steps (15 per epoch)
-  train.train_and_evaluate(tiny_config(1), split)  # 15 steps, then resume to 30
-  assert checkpoint.manager(split).latest_step() == 15
+  # Stopped at step 20, in the middle of the second epoch, then resumed to 30: the data
+  # position, rng, momentum encoders and queues must continue exactly.
+  with monkeypatch.context() as patch:
+    stop_after_logging(patch, 20)
+    with pytest.raises(train.TrainingStopped, match='stopped by SIGTERM at step 20;') as stop:
+      train.train_and_evaluate(two_epochs, split)
+  assert stop.value.exit_code == train.EXIT_PREEMPTED
+  assert checkpoint.manager(split).latest_step() == 20
   train.train_and_evaluate(two_epochs, split)
   params_a, meta_a = final_params(straight, two_epochs)
   params_b, meta_b = final_params(split, two_epochs)
@@ -55,9 +80,12 @@ def test_train_checkpoint_resume_is_exact_and_eval_reproduces(tmp_path):
     np.testing.assert_array_equal(a, b)
   with open(os.path.join(straight, 'eval', 'test.json'), encoding='utf-8') as f:
     trained = json.load(f)
-  lines = [json.loads(x) for x in open(os.path.join(straight, 'metrics.jsonl'), encoding='utf-8')]
+  lines = logged(straight)
   assert [x['step'] for x in lines] == list(range(1, 31))
   assert all(np.isfinite(x['loss']) for x in lines)
+  # Every logged value of every step, bit for bit, but the throughput.
+  timing = lambda x: {k: v for k, v in x.items() if k != 'examples_per_sec'}
+  assert [timing(x) for x in logged(split)] == [timing(x) for x in lines]
   assert os.path.isfile(os.path.join(straight, 'config.json'))
   assert os.listdir(os.path.join(straight, 'tensorboard'))
 
