@@ -93,61 +93,92 @@ def _matrix_lists(matrix: np.ndarray, depth: int) -> tuple[np.ndarray, int]:
   return np.concatenate(lists), tied
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _stripe(tiles: tuple, direction: str):
-  """Query rows from tiles: a row of tiles (images), or a column of tiles transposed (captions)."""
-  return jnp.concatenate(tiles if direction == 'i2t' else [t.T for t in tiles], axis=1)
+@jax.jit
+def _stripe(tiles: tuple):
+  """One image tile's row of tiles: [tile images, all padded captions]."""
+  return jnp.concatenate(tiles, axis=1)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _stripe_top(tiles: tuple, bias, k: int, direction: str):
-  """The k best of each query row of a stripe, padding (bias -inf) excluded."""
-  return jax.lax.top_k(_stripe(tiles, direction) + bias[None, :], k)
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _stripe_tops(tiles: tuple, caption_bias, image_bias, k_i2t: int, k_t2i: int):
+  """From one image stripe: each image's k_i2t best captions, and each caption's k_t2i best
+  images of this stripe (padding, bias -inf, excluded); (values, indices) pairs."""
+  stripe = _stripe(tiles)
+  return (jax.lax.top_k(stripe + caption_bias[None, :], k_i2t),
+          jax.lax.top_k(stripe.T + image_bias[None, :], k_t2i))
 
 
-def _tiled_lists(scores: blockwise_ranks.TiledScores, direction: str, depth: int
-                 ) -> tuple[np.ndarray, int]:
-  """Lists from the evaluator's tiles (the exported matrix's values): one stripe at a time,
-  an image tile x all captions (i2t) or all images x a caption tile (t2i), ranked on the device."""
-  cap = blockwise_ranks.CAPTIONS
-  if direction == 'i2t':
-    query_valid, candidate_valid = scores.image_valid, scores.caption_valid
-    candidate_pos, width = scores.caption_cols, scores.tile  # width: queries per stripe
-  else:
-    query_valid, candidate_valid = scores.caption_valid, scores.image_valid
-    candidate_pos, width = scores.image_rows, cap * scores.tile
-  real = np.full(len(candidate_valid), -1, np.int64)  # padded position -> real index
-  real[candidate_pos] = np.arange(len(candidate_pos))
-  bias = jnp.asarray(np.where(candidate_valid, 0.0, -np.inf), jnp.float32)
-  k = min(depth + 1, len(candidate_pos))
-  lists, tied = [], 0
-  for outer in range(scores.num_tiles):
-    tiles = tuple(scores.tile_scores(outer, b) if direction == 'i2t' else
-                  scores.tile_scores(b, outer) for b in range(scores.num_tiles))
-    values, top = jax.device_get(_stripe_top(tiles, bias, k, direction))
-    keep = query_valid[outer * width:(outer + 1) * width]
-    rows = np.flatnonzero(keep)
-    stripe = []  # built again only for a stripe with a tied row (not kept: 100 MB at COCO 5K)
+def _real_index(valid: np.ndarray, positions: np.ndarray) -> np.ndarray:
+  real = np.full(len(valid), -1, np.int64)  # padded position -> real index
+  real[positions] = np.arange(len(positions))
+  return real
+
+
+def _tiled_lists(scores: blockwise_ranks.TiledScores, depth: dict) -> tuple[dict, dict]:
+  """Both directions' lists from the evaluator's tiles (the exported matrix's values) in one
+  pass over the image stripes (each tile computed once): an image's list from its stripe, a
+  caption's from the best of each stripe, merged. Tied queries take their full row: an image's
+  from its stripe, a caption's from its column of tiles (computed again for those only)."""
+  tile, cap = scores.tile, blockwise_ranks.CAPTIONS
+  k = {'i2t': min(depth['i2t'] + 1, len(scores.caption_cols)),
+       't2i': min(depth['t2i'] + 1, len(scores.image_rows))}
+  per_stripe = min(k['t2i'], tile)
+  real_caption = _real_index(scores.caption_valid, scores.caption_cols)
+  real_image = _real_index(scores.image_valid, scores.image_rows)
+  caption_bias = jnp.asarray(np.where(scores.caption_valid, 0.0, -np.inf), jnp.float32)
+  image_lists, image_tied = [], 0
+  caption_values, caption_top = [], []
+  for a in range(scores.num_tiles):
+    tiles = tuple(scores.tile_scores(a, b) for b in range(scores.num_tiles))
+    image_valid = scores.image_valid[a * tile:(a + 1) * tile]
+    image_bias = jnp.asarray(np.where(image_valid, 0.0, -np.inf), jnp.float32)
+    (values, top), (c_values, c_top) = jax.device_get(
+        _stripe_tops(tiles, caption_bias, image_bias, k['i2t'], per_stripe))
+    caption_values.append(c_values)
+    caption_top.append(c_top + a * tile)
+    rows = np.flatnonzero(image_valid)
+    stripe = []  # computed again only for a stripe with a tied image (100 MB at COCO 5K)
 
     def full_row(r, tiles=tiles, rows=rows, stripe=stripe):
       if not stripe:
-        stripe.append(np.asarray(_stripe(tiles, direction)))
-      return stripe[0][rows[r]][candidate_valid].astype(np.float64)
+        stripe.append(np.asarray(_stripe(tiles)))
+      return stripe[0][rows[r]][scores.caption_valid].astype(np.float64)
 
-    idx, t = _settle_ties(real[top[keep]], values[keep], full_row, depth)
-    lists.append(idx)
-    tied += t
-  return np.concatenate(lists), tied
+    idx, t = _settle_ties(real_caption[top[image_valid]], values[image_valid], full_row,
+                          depth['i2t'])
+    image_lists.append(idx)
+    image_tied += t
+  # Captions: the best k of the stripes' best, in caption order (padded columns dropped).
+  values = np.concatenate(caption_values, axis=1)[scores.caption_cols]
+  top = np.concatenate(caption_top, axis=1)[scores.caption_cols]
+  order = np.argsort(-values, axis=1, kind='stable')[:, :k['t2i']]
+  values, top = np.take_along_axis(values, order, 1), np.take_along_axis(top, order, 1)
+  columns = {}
+
+  def full_column(c):
+    b = scores.caption_cols[c] // (cap * tile)
+    if b not in columns:  # every caption of tile b at once; captions of other tiles dropped
+      columns.clear()
+      columns[b] = np.concatenate([np.asarray(scores.tile_scores(a, b))[
+          scores.image_valid[a * tile:(a + 1) * tile]] for a in range(scores.num_tiles)], 0)
+    return columns[b][:, scores.caption_cols[c] - b * cap * tile].astype(np.float64)
+
+  caption_lists, caption_tied = _settle_ties(real_image[top], values, full_column, depth['t2i'])
+  return ({'i2t': np.concatenate(image_lists), 't2i': caption_lists},
+          {'i2t_tied': image_tied, 't2i_tied': caption_tied})
 
 
-def top_lists(scores, direction: str, depth: int) -> tuple[np.ndarray, int]:
-  """Ranked lists of every query of `direction` ('i2t': images, 't2i': captions) from a host
-  matrix [n, 5n] or a `blockwise_ranks.TiledScores`: (indices [queries, depth] best first,
-  number of queries whose list needed the tie rule)."""
+def ranked_lists(scores, depth: dict) -> tuple[dict, dict]:
+  """Ranked lists of every query, {'i2t': [images, depth['i2t']] caption indices, 't2i':
+  [captions, depth['t2i']] image indices}, best first, from a host matrix [n, 5n] or a
+  `blockwise_ranks.TiledScores`; and the number of queries per direction whose list needed the
+  tie rule ({'i2t_tied', 't2i_tied'})."""
   if isinstance(scores, blockwise_ranks.TiledScores):
-    return _tiled_lists(scores, direction, depth)
+    return _tiled_lists(scores, depth)
   matrix = np.asarray(scores)
-  return _matrix_lists(matrix if direction == 'i2t' else matrix.T, depth)
+  i2t, i2t_tied = _matrix_lists(matrix, depth['i2t'])
+  t2i, t2i_tied = _matrix_lists(matrix.T, depth['t2i'])
+  return {'i2t': i2t, 't2i': t2i}, {'i2t_tied': i2t_tied, 't2i_tied': t2i_tied}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,9 +224,7 @@ class GroundTruth:
                                f'ground truth ({self.name}) has {n:,}')
     candidates = {'i2t': len(self.caption_ids), 't2i': n}
     depth = {d: min(self.depth(d), candidates[d]) for d in DIRECTIONS}
-    lists, ties = {}, {}
-    for d in DIRECTIONS:
-      lists[d], ties[f'{d}_tied'] = top_lists(scores, d, depth[d])
+    lists, ties = ranked_lists(scores, depth)
     retrieved = {
         'i2t': dict(zip(self.image_ids.tolist(), self.caption_ids[lists['i2t']].tolist())),
         't2i': dict(zip(self.caption_ids.tolist(), self.image_ids[lists['t2i']].tolist()))}

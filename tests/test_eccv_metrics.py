@@ -142,14 +142,13 @@ def test_ranked_lists_follow_the_recall_protocol_tie_rule():
   rng = np.random.default_rng(0)
   sims = rng.integers(0, 6, size=(6, 30)).astype(np.float64)  # many exact ties
   sims[0] = np.arange(30)  # no tie: the order is the scores'
-  lists, tied = multi_positive.top_lists(sims, 'i2t', 4)
-  assert tied == 5
-  assert lists[0].tolist() == [29, 28, 27, 26]
+  lists, tied = multi_positive.ranked_lists(sims, {'i2t': 4, 't2i': 3})
+  assert tied['i2t_tied'] == 5
+  assert lists['i2t'][0].tolist() == [29, 28, 27, 26]
   for i in range(1, 6):
-    assert lists[i].tolist() == np.argsort(sims[i])[::-1][:4].tolist()
-  lists, _ = multi_positive.top_lists(sims, 't2i', 3)
+    assert lists['i2t'][i].tolist() == np.argsort(sims[i])[::-1][:4].tolist()
   for c in range(30):
-    assert lists[c].tolist() == np.argsort(sims[:, c])[::-1][:3].tolist()
+    assert lists['t2i'][c].tolist() == np.argsort(sims[:, c])[::-1][:3].tolist()
 
 
 def _hand_truth():
@@ -171,11 +170,19 @@ def test_tiled_lists_equal_the_matrix_lists_with_padding_and_ties():
   scores = blockwise_ranks.TiledScores(images, captions, tile=2)
   assert scores.tile == 2 and not scores.caption_valid.all()
   sims = scores.matrix()
-  for direction, depth in (('i2t', 6), ('t2i', 2)):
-    tiled, tiled_ties = multi_positive.top_lists(scores, direction, depth)
-    listed, listed_ties = multi_positive.top_lists(sims, direction, depth)
-    assert tiled.tolist() == listed.tolist() and tiled_ties == listed_ties
-  assert multi_positive.top_lists(scores, 'i2t', 6)[1] > 0  # the copies tie in some row
+  depth = {'i2t': 6, 't2i': 2}
+  tiled, tiled_ties = multi_positive.ranked_lists(scores, depth)
+  listed, listed_ties = multi_positive.ranked_lists(sims, depth)
+  for d in ('i2t', 't2i'):
+    assert tiled[d].tolist() == listed[d].tolist()
+  assert tiled_ties == listed_ties and tiled_ties['i2t_tied'] > 0  # the copies tie in some row
+  # A tied image pair in a column: image 2 copied onto image 1 (the column fallback too).
+  images[2] = images[1]
+  scores = blockwise_ranks.TiledScores(images, captions, tile=2)
+  tiled, tiled_ties = multi_positive.ranked_lists(scores, depth)
+  listed, listed_ties = multi_positive.ranked_lists(scores.matrix(), depth)
+  assert tiled['t2i'].tolist() == listed['t2i'].tolist()
+  assert tiled_ties == listed_ties and tiled_ties['t2i_tied'] == 15
 
 
 def test_synthetic_positives_by_hand():
