@@ -70,7 +70,9 @@ def check_config(config) -> None:
   for name, allowed in (('moco.query', ('prefusion', 'fused')),
                         ('moco.key_encoder_mode', ('mixed', 'train', 'eval')),
                         ('loss.reg_loss', ('constant', 'off')),
-                        ('loss.base_loss', ('trip',)), ('loss.gnn_loss', ('trip',))):
+                        ('loss.base_loss', ('trip',)), ('loss.gnn_loss', ('trip',)),
+                        # HREM's learned and CHAN's relevance are not implemented here.
+                        ('relation.relevance_fn', ('aahr_scan_mean',))):
     section, field = name.split('.')
     if config[section][field] not in allowed:
       raise ValueError(f'config.{name} = {config[section][field]!r}; expected one of {allowed}')
@@ -90,13 +92,25 @@ def init_criterion(config, model_out_shapes: dict, rng) -> dict:
 
 
 def init_extra(config, params: dict, rng) -> dict:
-  """Momentum copies of the encoders and the two MoCo queues (aahr_spec.md 2.16)."""
+  """Momentum copies of the encoders and the two MoCo queues (aahr_spec.md 2.16), plus the
+  image ids of the queued keys when moco.mask_same_image needs them (-1: no key yet).
+
+  The momentum copies are of `params` as given; weights loaded into the query encoders later
+  must be copied again (train_state.start_from_pretrained does both)."""
   d = config.model.embed_size
   img_rng, cap_rng = jax.random.split(rng)
-  return {'momentum': {k: params[k] for k in ENCODERS},
-          'queue_img': losses.init_moco_queue(img_rng, d, config.moco.queue_length),
-          'queue_cap': losses.init_moco_queue(cap_rng, d, config.moco.queue_length),
-          'queue_ptr': jnp.zeros((), jnp.int32)}
+  extra = {'momentum': momentum_copy(params),
+           'queue_img': losses.init_moco_queue(img_rng, d, config.moco.queue_length),
+           'queue_cap': losses.init_moco_queue(cap_rng, d, config.moco.queue_length),
+           'queue_ptr': jnp.zeros((), jnp.int32)}
+  if config.moco.mask_same_image:
+    extra['queue_ids'] = jnp.full((config.moco.queue_length,), -1, jnp.int32)
+  return extra
+
+
+def momentum_copy(params: dict) -> dict:
+  """The key encoders' parameters as the original's deep copy makes them: the query encoders'."""
+  return {k: params[k] for k in ENCODERS}
 
 
 def _key_modes(mode: str) -> tuple[bool, bool]:
@@ -111,7 +125,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
   loss_cfg, moco_cfg = config.loss, config.moco
   triplet_flags = dict(cutoff=loss_cfg.triplet_cutoff, max_over=loss_cfg.triplet_max_over,
                        on_empty_row=loss_cfg.triplet_on_empty_row,
-                       margin=loss_cfg.triplet_margin)
+                       margin=loss_cfg.triplet_margin, dim=loss_cfg.triplet_dim,
+                       distance_clamp=loss_cfg.triplet_distance_clamp)
+  mask_same_image = moco_cfg.mask_same_image
   key_train, key_bert_train = _key_modes(moco_cfg.key_encoder_mode)
 
   def train_step(state, batch: dict):
@@ -122,8 +138,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
         it, it, moco_queue_length=moco_cfg.queue_length, batch_size=config.batch_size,
         swav_weight=loss_cfg.swav_weight, swav_after=loss_cfg.freeze_prototypes_niters,
         graph_from=config.relation.warmup, reg_weight=loss_cfg.reg_loss_weight)
-    if not moco_cfg.enabled:
-      weights['moco'] = jnp.zeros_like(weights['moco'])
+    weights['moco'] = weights['moco'] * (loss_cfg.moco_weight if moco_cfg.enabled else 0.0)
     ids = batch['image_index']
 
     # The prototypes are renormalised in place every step, outside autograd.
@@ -176,9 +191,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
       query_img, query_cap = ((out['img_prefusion'], out['cap_prefusion'])
                               if moco_cfg.query == 'prefusion' else
                               (out['img_emb'], out['cap_emb']))
-      terms['moco'] = losses.info_nce_loss(query_img, query_cap, key_img, key_cap,
-                                           state.extra['queue_img'], state.extra['queue_cap'],
-                                           temperature=moco_cfg.temperature)
+      terms['moco'] = losses.info_nce_loss(
+          query_img, query_cap, key_img, key_cap, state.extra['queue_img'],
+          state.extra['queue_cap'], temperature=moco_cfg.temperature,
+          query_ids=ids if mask_same_image else None,
+          queue_ids=state.extra['queue_ids'] if mask_same_image else None)
       total = losses.weighted_total(terms, {k: weights[k] for k in
                                             ('base', 'swav', 'graph', 'reg', 'moco')})
       return total, (terms, updates['batch_stats'])
@@ -207,6 +224,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
     extra = {'momentum': momentum, 'queue_img': keep(queue_img, state.extra['queue_img']),
              'queue_cap': keep(queue_cap, state.extra['queue_cap']),
              'queue_ptr': keep(pointer, state.extra['queue_ptr'])}
+    if mask_same_image:
+      queue_ids, _ = losses.enqueue_keys(state.extra['queue_ids'], state.extra['queue_ptr'], ids)
+      extra['queue_ids'] = keep(queue_ids, state.extra['queue_ids'])
     metrics: dict[str, Any] = {'loss': total, 'grad_norm': grad_norm, 'lr': schedule(it),
                                'skipped': (~finite).astype(jnp.int32)}
     metrics.update({f'loss_{k}': v for k, v in terms.items()})

@@ -67,7 +67,8 @@ def triplet_cutoff(dataset: str) -> float:
 
 
 def dws_sampling_weights(scores: jax.Array, positives: jax.Array, *, cutoff: float,
-                         max_over: str = "all") -> jax.Array:
+                         max_over: str = "all", dim: int = DWS_DIM,
+                         distance_clamp: float = DWS_DISTANCE_CLAMP) -> jax.Array:
   """Distance-weighted sampling weights of one direction, anchors as rows.
 
   Args:
@@ -77,6 +78,8 @@ def dws_sampling_weights(scores: jax.Array, positives: jax.Array, *, cutoff: flo
     max_over: "all" (faithful): the max subtracted before `exp` runs over the whole row of
       log-weights, positives' zeros and cut-off negatives included, so it can underflow every
       admissible weight (quirk Q9); "eligible" (corrected): over admissible negatives only.
+    dim: the `d` of the weight formula (config.loss.triplet_dim).
+    distance_clamp: distances below it count as it (config.loss.triplet_distance_clamp).
 
   Returns:
     [A, C] weights, each row divided by (row sum + 1e-20) exactly as the original (so a row whose
@@ -88,9 +91,9 @@ def dws_sampling_weights(scores: jax.Array, positives: jax.Array, *, cutoff: flo
   # torch takes sqrt of a negative number (score > 1 by rounding) -> NaN; such an entry ends with
   # log-weight 0 and is never admissible. Emulate without producing NaNs.
   nan_distance = squared < 0
-  dist = jnp.maximum(jnp.sqrt(jnp.maximum(squared, 0.0)), DWS_DISTANCE_CLAMP)
-  log_weight = ((2.0 - DWS_DIM) * jnp.log(dist)
-                - ((DWS_DIM - 3.0) / 2.0) * jnp.log(1.0 - 0.25 * dist * dist))
+  dist = jnp.maximum(jnp.sqrt(jnp.maximum(squared, 0.0)), distance_clamp)
+  log_weight = ((2.0 - dim) * jnp.log(dist)
+                - ((dim - 3.0) / 2.0) * jnp.log(1.0 - 0.25 * dist * dist))
   bad = nan_distance | ~jnp.isfinite(log_weight)
   log_weight = jnp.where(bad | positives, 0.0, log_weight)
   eligible = negatives & (dist < cutoff) & ~nan_distance
@@ -172,7 +175,8 @@ def dws_triplet_loss(img: jax.Array, cap: jax.Array, ids: jax.Array, *, cutoff: 
                      key: jax.Array | None = None,
                      negatives: tuple[jax.Array, jax.Array] | None = None,
                      margin: float = TRIPLET_MARGIN, max_over: str = "all",
-                     on_empty_row: str = "zero_direction") -> jax.Array:
+                     on_empty_row: str = "zero_direction", dim: int = DWS_DIM,
+                     distance_clamp: float = DWS_DISTANCE_CLAMP) -> jax.Array:
   """HREM triplet loss with distance-weighted sampling: i2t direction + t2i direction (a sum).
 
   Args:
@@ -183,7 +187,7 @@ def dws_triplet_loss(img: jax.Array, cap: jax.Array, ids: jax.Array, *, cutoff: 
     negatives: recorded draws instead of a key, as ([B, B] i2t, [B, B] t2i) matrices (see
       `negatives_from_pairs`); the t2i matrix has caption anchors as rows.
     max_over, on_empty_row: quirk Q9 flags (faithful defaults), see `dws_sampling_weights` and
-      `triplet_direction`.
+      `triplet_direction`. dim, distance_clamp: see `dws_sampling_weights`.
   Returns:
     scalar loss in the dtype of the inputs.
   """
@@ -196,7 +200,7 @@ def dws_triplet_loss(img: jax.Array, cap: jax.Array, ids: jax.Array, *, cutoff: 
   keys = jax.random.split(key) if key is not None else (None, None)
   for index, (direction_scores, direction_positives) in enumerate(directions):
     weights = dws_sampling_weights(direction_scores, direction_positives, cutoff=cutoff,
-                                   max_over=max_over)
+                                   max_over=max_over, dim=dim, distance_clamp=distance_clamp)
     drawn = negatives[index] if negatives is not None else draw_negatives(keys[index], weights)
     total = total + triplet_direction(direction_scores, direction_positives, drawn, weights,
                                       margin=margin, on_empty_row=on_empty_row)
@@ -275,22 +279,30 @@ def _cross_entropy_target_zero(logits: jax.Array) -> jax.Array:
 
 
 def info_nce_logits(query: jax.Array, key: jax.Array, queue: jax.Array, *,
-                    temperature: float = MOCO_TEMPERATURE) -> jax.Array:
+                    temperature: float = MOCO_TEMPERATURE,
+                    same_image: jax.Array | None = None) -> jax.Array:
   """[B, 1 + M] logits: column 0 = positive key, columns 1.. = queue negatives (detached).
 
   query, key: [B, D]; queue: [D, M] (negatives in columns). All vectors normalised (eps 1e-12).
+  same_image: optional [B, M] bool, queue entries of the query's own image; their logits are
+  -inf, so they are neither negatives nor positives (quirk Q14 corrected).
   """
   query = normalize_rows(query)
   key = normalize_rows(key)
   queue = _normalize_columns(jax.lax.stop_gradient(queue))
   positive = jnp.sum(query * key, axis=1, keepdims=True)
   negative = jnp.matmul(query, queue, precision=_HIGHEST)
-  return jnp.concatenate([positive, negative], axis=1) / temperature
+  logits = jnp.concatenate([positive, negative], axis=1) / temperature
+  if same_image is None:
+    return logits
+  masked = jnp.concatenate([jnp.zeros_like(same_image[:, :1]), same_image], axis=1)
+  return jnp.where(masked, -jnp.inf, logits)
 
 
 def info_nce_loss(query_img: jax.Array, query_cap: jax.Array, key_img: jax.Array,
                   key_cap: jax.Array, queue_img: jax.Array, queue_cap: jax.Array, *,
-                  temperature: float = MOCO_TEMPERATURE) -> jax.Array:
+                  temperature: float = MOCO_TEMPERATURE, query_ids: jax.Array | None = None,
+                  queue_ids: jax.Array | None = None) -> jax.Array:
   """MoCo InfoNCE: image queries vs caption keys/queue + caption queries vs image keys/queue.
 
   Args:
@@ -298,9 +310,19 @@ def info_nce_loss(query_img: jax.Array, query_cap: jax.Array, key_img: jax.Array
     key_img, key_cap: [B, D] fused momentum-encoder embeddings. Not detached here (the original
       does not either); the caller computes them without gradient.
     queue_img, queue_cap: [D, M] queues *before* this step's enqueue (detached here).
+    query_ids, queue_ids: optional [B] image ids of the queries and [M] image ids of the queued
+      keys (-1: none yet). Given both, queue entries of the query's own image are masked out
+      (quirk Q14 corrected); the original keeps them as negatives.
   """
-  logits_i2t = info_nce_logits(query_img, key_cap, queue_cap, temperature=temperature)
-  logits_t2i = info_nce_logits(query_cap, key_img, queue_img, temperature=temperature)
+  same_image = None
+  if (query_ids is None) != (queue_ids is None):
+    raise ValueError("pass both query_ids and queue_ids, or neither")
+  if query_ids is not None:
+    same_image = query_ids[:, None] == queue_ids[None, :]
+  logits_i2t = info_nce_logits(query_img, key_cap, queue_cap, temperature=temperature,
+                               same_image=same_image)
+  logits_t2i = info_nce_logits(query_cap, key_img, queue_img, temperature=temperature,
+                               same_image=same_image)
   return _cross_entropy_target_zero(logits_i2t) + _cross_entropy_target_zero(logits_t2i)
 
 
@@ -314,14 +336,17 @@ def enqueue_keys(queue: jax.Array, pointer: jax.Array, keys: jax.Array) -> tuple
 
   Args:
     queue: [D, M]; pointer: int scalar (traced ok); keys: [B, D]. M must be a multiple of B.
+      Also the queue of image ids: queue [M] and keys [B] (enqueued at the same columns).
   Returns:
     (new queue, (pointer + B) mod M).
   """
-  length = queue.shape[1]
+  length = queue.shape[-1]
   batch = keys.shape[0]
   if length % batch:
     raise ValueError(f"queue length {length} must be a multiple of the batch size {batch}")
   keys = jax.lax.stop_gradient(keys).astype(queue.dtype)
+  if queue.ndim == 1:
+    return jax.lax.dynamic_update_slice(queue, keys, (pointer,)), (pointer + batch) % length
   queue = jax.lax.dynamic_update_slice(queue, keys.T, (jnp.zeros_like(pointer), pointer))
   return queue, (pointer + batch) % length
 

@@ -3,12 +3,16 @@ pipeline (benchmarks on machines without tfds / grain) builds exactly the state 
 
 from typing import Any
 
+import os
+
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from aahr_jax import aahr_step
+from aahr_jax.models import bert as bert_lib
 
 # Fields of a host batch that go to the device for a training step.
 TRAIN_FIELDS = ('regions', 'region_len', 'bert_ids', 'bert_len', 'caption_index',
@@ -71,3 +75,53 @@ def create_state_fn(model, tx, config, batch_size: int):
                       rng=state_rng, extra=extra)
 
   return init
+
+
+def pretrained_bert(config, current: dict) -> dict | None:
+  """The converted BERT named by config.model.bert_init as host arrays shaped like `current`
+  (the random-init `txt/bert` parameters), or None for a random init."""
+  path = config.model.bert_init
+  if not path:
+    return None
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f'config.model.bert_init = {path}: file not found. Convert a BERT checkpoint with '
+        f'`python -m conversion bert --src bert-base-uncased/ --out {path}`, or set '
+        '--config.model.bert_init= for a random init')
+  _, loaded = bert_lib.load(path)
+  if config.model.get('bert_scan', False):
+    loaded = bert_lib.stack_layers(loaded, config.model.bert['num_hidden_layers'])
+  current = traverse_util.flatten_dict(current, sep='/')
+  new = traverse_util.flatten_dict(loaded, sep='/')
+  missing = sorted(set(current) - set(new))
+  bad = [k for k in current if k in new and current[k].shape != new[k].shape]
+  if missing or bad:
+    raise ValueError(f'{path} does not fit config.model.bert: missing {missing[:5]}, '
+                     f'shape mismatches {bad[:5]}')
+  # Host arrays: the caller places them with the state's shardings (one copy per process).
+  return traverse_util.unflatten_dict(
+      {k: np.asarray(new[k], current[k].dtype) for k in current}, sep='/')
+
+
+def start_from_pretrained(config, state: TrainState, shardings: TrainState | None = None
+                          ) -> TrainState:
+  """The run's starting weights: pretrained weights named by the config go into the query
+  encoders and, for AAHR, into the momentum (key) encoders too, which the original deep-copies
+  from the query encoders after loading them. Used for a fresh start only: a resumed state
+  already holds its weights. `shardings`: the state's (None: default placement)."""
+  bert = pretrained_bert(config, state.params['txt']['bert'])
+  if bert is None:
+    return state
+
+  def with_bert(tree: dict, target_shardings) -> dict:
+    txt = dict(tree['txt'])
+    txt['bert'] = jax.device_put(bert, target_shardings['txt']['bert']
+                                 if target_shardings is not None else None)
+    return dict(tree, txt=txt)
+
+  params = with_bert(state.params, None if shardings is None else shardings.params)
+  extra = state.extra
+  if 'momentum' in extra:
+    extra = dict(extra, momentum=with_bert(
+        extra['momentum'], None if shardings is None else shardings.extra['momentum']))
+  return state.replace(params=params, extra=extra)

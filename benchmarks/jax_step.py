@@ -27,7 +27,7 @@ def create_state(config, batch: dict):
   param_shapes = jax.eval_shape(lambda: init(optax.identity())(rng).params)
   tx, schedule = optim.make_optimizer(config.optim, param_shapes, 1000,
                                       late_groups=aahr_step.late_groups(config))
-  state = jax.jit(init(tx))(rng)
+  state = train_state.start_from_pretrained(config, jax.jit(init(tx))(rng))
   return model, tx, schedule, state
 
 

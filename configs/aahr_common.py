@@ -61,9 +61,8 @@ def aahr_model(embed_size: int = 1024, bert: dict | None = None) -> ml_collectio
   # Frozen CLIP whose global features are model inputs (cached once; aahr_spec.md 2.2).
   m.clip_dim = 512
   m.use_clip = True
-  m.clip_checkpoint = 'weights/open_clip_vit_b32_laion2b.safetensors'  # `python -m conversion open_clip`
-  m.clip_model = 'ViT-B-32'
-  m.clip_pretrained = 'laion2b_s34b_b79k'
+  # OpenCLIP ViT-B-32 laion2b_s34b_b79k converted by `python -m conversion open_clip`.
+  m.clip_checkpoint = 'weights/open_clip_vit_b32_laion2b.safetensors'
   return m
 
 
@@ -74,39 +73,31 @@ def aahr_config(dataset: str, batch_size: int, nmb_prototypes: int,
   c.data.name = dataset
   c.data.region_dim = 2048
   c.data.num_regions = 36
-  c.data.size_augment = True           # each region kept w.p. region_keep_prob (training)
-  c.data.region_keep_prob = 0.8
-  c.data.word_augment = True           # per basic token: select 0.2; of those mask 0.5,
-  c.data.token_aug_probs = dict(select=0.2, mask=0.5, random=0.1, delete=0.4)  # random, delete
-  c.data.token_aug_exclude_special = False
   c.data.dev_captions = 5000           # Q32: dev truncated to the first 5,000 captions
-  c.data.clip_features = 'cache'       # frozen CLIP features computed once (or 'online')
+  # Augmentation: common.base_config's (region_keep_prob 0.8; token_aug_probs select 0.2, of
+  # those mask 0.5, random 0.1, delete 0.4), the released code's values.
 
+  common.add_clip_fields(c)
   c.model = aahr_model()
 
   c.loss = ml_collections.ConfigDict()
-  c.loss.name = 'aahr'
-  c.loss.base_loss = 'trip'            # 'trip' (DWS triplet) or 'vse' (aahr_spec.md 2.18)
-  c.loss.gnn_loss = 'trip'
+  c.loss.base_loss = 'trip'            # DWS triplet (the released code's 'vse' option is not implemented)
+  c.loss.gnn_loss = 'trip'             # likewise
   c.loss.triplet_margin = 0.2          # hard-coded; --margin is not used by the triplet
   c.loss.triplet_dim = 512             # DWS d
   c.loss.triplet_distance_clamp = 0.5
   c.loss.triplet_cutoff = 1.9 if dataset == 'coco' else 1.7
   c.loss.triplet_max_over = 'all'
   c.loss.triplet_on_empty_row = 'zero_direction'
-  c.loss.margin = 0.2                  # only for the 'vse' losses (Q23)
-  c.loss.vse_mean_warmup_epochs = 1    # only for the 'vse' losses
-  c.loss.mask_repeat = True            # only for the 'vse' losses
   c.loss.swav_weight = 0.2
   c.loss.freeze_prototypes_niters = 2200  # SwAV loss used when it > 2200
   c.loss.nmb_prototypes = nmb_prototypes  # K
   c.loss.swav_temperature = 0.1
   c.loss.sinkhorn_epsilon = 0.1
   c.loss.sinkhorn_iterations = 3
-  c.loss.swav_queue = False            # Q15: allocated but unused in the released code
   c.loss.reg_loss = 'constant'
   c.loss.reg_loss_weight = 10.0
-  c.loss.moco_weight = 1.0
+  c.loss.moco_weight = 1.0             # InfoNCE weight once the queues are full
 
   c.relation = ml_collections.ConfigDict()
   c.relation.warmup = 8000             # graph losses from it >= 8000
@@ -119,9 +110,8 @@ def aahr_config(dataset: str, batch_size: int, nmb_prototypes: int,
   c.relation.num_layers = 1            # num_layers_enc
   c.relation.dropout = 0.1
   c.relation.gcn_dropout = 0.6
-  c.relation.cross_loss = True
-  c.relation.norm_input = True
-  c.relation.relevance_fn = 'aahr_scan_mean'  # or 'hrem_learned', 'chan_vha'
+  c.relation.relevance_fn = 'aahr_scan_mean'  # the only one implemented (HREM's learned and
+  # CHAN's relevance functions are not)
   c.relation.fine_grained_mask_padding = False
   # Captions per pass of the word-region relevance: -1 auto (CPU: chunks of ~4 MiB of scores,
   # several times faster; GPU/TPU: all at once), 0 all at once, >0 this many (bounds memory).
@@ -154,7 +144,6 @@ def aahr_config(dataset: str, batch_size: int, nmb_prototypes: int,
 
   c.eval.protocol = 'coco' if dataset == 'coco' else 'single'
   c.eval.batch_size = batch_size       # Q20: caption embeddings depend on the eval batch
-  c.eval.caption_batch_size = batch_size
   c.eval.selection_split = 'dev'       # Q4: one released train.py selects on the test split
   c.quirks = 'faithful'
   return c

@@ -30,7 +30,7 @@ def get_config(arg=None):
   if arg.dataset == 'synthetic':
     c.data.region_dim = 64
   c.model.name = 'clip_zeroshot'
-  c.model.use_clip = True
+  common.add_clip_fields(c)
   c.clip_zeroshot = dict(normalize=arg.normalize)  # False: AAHR's clip_eval.py scoring
   c.eval.save_sims = False  # True: also write results_<dataset>.npy
   return c

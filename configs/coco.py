@@ -20,8 +20,9 @@ def get_config(arg=None):
   arg = common.parse_arg(arg, batch_size=256, quirks='faithful')
   c = aahr_common.aahr_config('coco', batch_size=arg.batch_size, nmb_prototypes=768,
                               mask_weight=1.5)
-  # Longest COCO eval caption: 56 BERT tokens; training captions were not measured
-  # (data_eval_spec.md 2.8): `--mode verify_data` reports the maximum; raise this if needed.
+  # Longest COCO evaluation caption (testall, dev): 56 BERT tokens. Training captions are not
+  # measured here: `--mode verify_data` reports every split's longest, and training refuses to
+  # start if this would cut any (data.allow_truncation).
   c.data.max_len = 96
   c.data.eval_split = 'testall'
   c.eval.eccv = True  # ECCV Caption / CxC on testall (eccv-caption package)

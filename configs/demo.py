@@ -62,6 +62,5 @@ def get_config(arg=None):
   c.checkpoint_every_steps = 500
   c.eval.protocol = 'single'
   c.eval.batch_size = 256
-  c.eval.caption_batch_size = 256
   c.data.eval_split = 'test'
   return c

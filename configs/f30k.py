@@ -19,7 +19,9 @@ def get_config(arg=None):
   arg = common.parse_arg(arg, batch_size=128, quirks='faithful')
   c = aahr_common.aahr_config('f30k', batch_size=arg.batch_size, nmb_prototypes=384,
                               mask_weight=1.0)
-  c.data.max_len = 96  # longest F30K eval caption: 88 BERT tokens (data_eval_spec.md 2.8)
+  # Longest F30K evaluation caption (test, dev): 88 BERT tokens. Training captions are not
+  # measured here: training refuses to start if this would cut any (data.allow_truncation).
+  c.data.max_len = 96
   c.data.eval_split = 'test'
   c.model.bert_init = 'weights/bert-base-uncased.safetensors'
   return aahr_common.set_quirks(c, arg.quirks)

@@ -17,7 +17,9 @@ def get_config(arg=None):
   c = common.base_config()
   c.data.name = 'coco'
   c.data.region_dim = 2048
-  c.data.max_len = 64  # longest COCO eval caption: 56 BERT tokens (data_eval_spec.md 2.8)
+  # Longest COCO evaluation caption: 56 BERT tokens; training captions are not measured here:
+  # training refuses to start if this would cut any (data.allow_truncation).
+  c.data.max_len = 64
   c.data.eval_split = 'testall'
   c.eval.eccv = True  # ECCV Caption / CxC on testall (eccv-caption package)
   c.model.bert_init = 'weights/bert-base-uncased.safetensors'

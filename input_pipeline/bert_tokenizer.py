@@ -1,14 +1,14 @@
-"""BERT WordPiece tokenisation (uncased) from a local vocab.txt, and AAHR's word-level augmentation.
+"""BERT WordPiece tokenisation (uncased) from a local vocab.txt, grouped by word.
 
 The fast `tokenizers` library does the work; it reproduces the slow HF `BertTokenizer` used by the
 originals (basic tokeniser: clean, lower-case, strip accents, split punctuation; then greedy
-WordPiece). Pieces are kept grouped by basic-token word because the augmentation acts on words.
+WordPiece). Pieces are kept grouped by basic-token word because the augmentation
+(input_pipeline/caption_tokens.py) acts on words.
 """
 
 import functools
 import os
 
-import numpy as np
 import tokenizers
 
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 100, 101, 102, 103
@@ -64,25 +64,3 @@ class BertTokenizer:
 @functools.lru_cache(maxsize=4)
 def get_tokenizer(vocab_path: str | None = None) -> BertTokenizer:
   return BertTokenizer(vocab_path)
-
-
-def augment_words(words: list[list[int]], rng: np.random.Generator, vocab_size: int,
-                  select_prob: float = 0.2) -> list[int]:
-  """Word-level caption augmentation of the originals (data_eval_spec.md 2.1, step 4).
-
-  One uniform draw u per word: u < 0.1 -> every piece becomes [MASK]; 0.1 <= u < 0.12 -> every
-  piece becomes a uniformly drawn vocabulary id (special tokens included, as in the original);
-  0.12 <= u < 0.2 -> the word is deleted; otherwise kept. Returns the flat ids without [CLS]/[SEP].
-  """
-  out: list[int] = []
-  draws = rng.random(len(words))
-  for word, u in zip(words, draws):
-    if u < select_prob * 0.5:
-      out.extend([MASK_ID] * len(word))
-    elif u < select_prob * 0.6:
-      out.extend(rng.integers(0, vocab_size, size=len(word)).tolist())
-    elif u < select_prob:
-      continue
-    else:
-      out.extend(word)
-  return out

@@ -13,7 +13,29 @@ import numpy as np
 from input_pipeline import bert_tokenizer
 
 ENCODE_CHUNK = 20000
-SELECT_PROB = 0.2   # of the selected words: 50% [MASK], 10% random id, 40% deleted
+SPECIAL_IDS = (bert_tokenizer.PAD_ID, bert_tokenizer.UNK_ID, bert_tokenizer.CLS_ID,
+               bert_tokenizer.SEP_ID, bert_tokenizer.MASK_ID)
+
+
+@dataclasses.dataclass(frozen=True)
+class WordAugment:
+  """AAHR's word-level augmentation: each word is selected with probability `select`; a
+  selected word has all its pieces replaced by [MASK] (share `mask`), by uniformly drawn
+  vocabulary ids (share `random`), or is deleted (share `delete`). The released code's values.
+  `exclude_special`: random ids never [PAD]/[UNK]/[CLS]/[SEP]/[MASK] (quirk Q19 corrected; the
+  original draws from the whole vocabulary)."""
+  select: float = 0.2
+  mask: float = 0.5
+  random: float = 0.1
+  delete: float = 0.4
+  exclude_special: bool = False
+
+  def __post_init__(self):
+    shares = (self.mask, self.random, self.delete)
+    if not 0 <= self.select <= 1 or min(shares) < 0 or abs(sum(shares) - 1) > 1e-9:
+      raise ValueError(f'config.data.token_aug_probs = select {self.select}, mask {self.mask}, '
+                       f'random {self.random}, delete {self.delete}: expected select in [0, 1] '
+                       'and non-negative mask + random + delete = 1')
 
 
 @dataclasses.dataclass
@@ -58,13 +80,20 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
   return np.arange(total) - offsets + np.repeat(starts, lengths)
 
 
+def _skip_special(ids: np.ndarray) -> np.ndarray:
+  """Uniform ids over [0, V - 5) -> uniform over the vocabulary without SPECIAL_IDS."""
+  for special in sorted(SPECIAL_IDS):  # ascending: each shift can only meet later specials
+    ids = ids + (ids >= special)
+  return ids
+
+
 def encode_batch(tokens: CaptionTokens, captions: np.ndarray, max_len: int,
-                 rng: np.random.Generator | None = None):
+                 rng: np.random.Generator | None = None, augment: WordAugment = WordAugment()):
   """[CLS] pieces [SEP] of each caption, padded with 0 to max_len: (ids [B, L], len [B],
-  truncated [B]). With `rng`, the word-level augmentation first: one u ~ U[0,1) per word;
-  u < 0.1 -> every piece [MASK]; u < 0.12 -> every piece a uniform vocabulary id (special tokens
-  included, as in the original); u < 0.2 -> the word is deleted; otherwise kept. The draws are
-  made for the whole batch in caption order, so a batch's result depends only on `rng`."""
+  truncated [B]). With `rng`, the word-level augmentation first (`WordAugment`): one
+  u ~ U[0,1) per word; with the defaults u < 0.1 -> every piece [MASK]; u < 0.12 -> every piece
+  a uniform vocabulary id; u < 0.2 -> the word is deleted; otherwise kept. The draws are made
+  for the whole batch in caption order, so a batch's result depends only on `rng`."""
   captions = np.asarray(captions, np.int64)
   starts = tokens.piece_start[captions]
   counts = tokens.piece_start[captions + 1] - starts
@@ -74,12 +103,18 @@ def encode_batch(tokens: CaptionTokens, captions: np.ndarray, max_len: int,
   if rng is not None:
     words = tokens.num_words[captions].astype(np.int64)
     u = rng.random(int(words.sum()))
-    random_ids = rng.integers(0, tokens.vocab_size, size=len(pieces), dtype=np.int64)
+    if augment.exclude_special:
+      random_ids = _skip_special(rng.integers(0, tokens.vocab_size - len(SPECIAL_IDS),
+                                              size=len(pieces), dtype=np.int64))
+    else:
+      random_ids = rng.integers(0, tokens.vocab_size, size=len(pieces), dtype=np.int64)
     word_of_piece = np.repeat(np.cumsum(words) - words, counts) + tokens.piece_word[index]
     draw = u[word_of_piece]
-    pieces = np.where(draw < SELECT_PROB * 0.5, bert_tokenizer.MASK_ID,
-                      np.where(draw < SELECT_PROB * 0.6, random_ids, pieces)).astype(np.int32)
-    kept = ~((draw >= SELECT_PROB * 0.6) & (draw < SELECT_PROB))
+    to_mask = augment.select * augment.mask
+    to_random = augment.select * (augment.mask + augment.random)
+    pieces = np.where(draw < to_mask, bert_tokenizer.MASK_ID,
+                      np.where(draw < to_random, random_ids, pieces)).astype(np.int32)
+    kept = ~((draw >= to_random) & (draw < augment.select))
     pieces, row = pieces[kept], row[kept]
     counts = np.bincount(row, minlength=len(captions))
   lengths = counts + 2

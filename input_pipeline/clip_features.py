@@ -30,7 +30,7 @@ def clip_wanted(config) -> bool:
 
 
 def clip_online(config) -> bool:
-  return bool(config.data.get('clip_online', False)) or config.data.get('clip_features') == 'online'
+  return bool(config.data.get('clip_online', False))
 
 
 def checkpoint_path(config, data_dir: str) -> str:
@@ -77,8 +77,13 @@ class CachedClip:
       raise DataError(f'{folder}: CLIP feature cache not found (the config uses CLIP features); '
                       f'build it with `{BUILD_COMMAND}`, or compute them on the fly with '
                       '--config.data.clip_online=True')
-    with open(meta_path, encoding='utf-8') as f:
-      self.meta = json.load(f)
+    try:
+      with open(meta_path, encoding='utf-8') as f:
+        self.meta = json.load(f)
+      self.meta['clip']['fingerprint']  # pylint: disable=pointless-statement
+    except (ValueError, KeyError, TypeError) as e:
+      raise DataError(f'{meta_path} is damaged ({type(e).__name__}: {e}); delete {folder} and '
+                      f'rebuild it with `{BUILD_COMMAND}`') from None
     if checkpoint and os.path.isfile(checkpoint) and self.meta['clip']['fingerprint'] != \
         fingerprint(checkpoint):
       raise DataError(f'{meta_path}: the cache was computed with {self.meta["clip"]["path"]}, '

@@ -26,7 +26,6 @@ import numpy as np
 
 from input_pipeline import caption_tokens
 
-REGION_KEEP_PROB = 0.8  # training region dropout: keep region r iff u_r > 0.2
 DEFAULT_COVERAGE = 0.999
 # Every float16 bit pattern as float32: a table lookup widens stored float16 regions quickly.
 _HALF_TO_FLOAT = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(
@@ -37,6 +36,7 @@ _HALF_TO_FLOAT = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.f
 class TextOptions:
   max_len: int = 64  # static token width; captions longer are truncated (counted, see above)
   vocab_path: str | None = None
+  augment: caption_tokens.WordAugment = caption_tokens.WordAugment()  # training only
 
 
 class SplitSource:
@@ -106,9 +106,10 @@ def iterator_state(step: int, split: SplitSource, batch_size: int, seed: int) ->
           'caption_position': position * batch_size}
 
 
-def _drop_regions(u: np.ndarray, n_regions: int) -> tuple[np.ndarray, np.ndarray]:
-  """(region order with kept ones first, kept count) per row; all kept if none survives."""
-  keep = u > 1.0 - REGION_KEEP_PROB
+def _drop_regions(u: np.ndarray, keep_prob: float) -> tuple[np.ndarray, np.ndarray]:
+  """(region order with kept ones first, kept count) per row: region r is kept iff
+  u_r > 1 - keep_prob (the original's test); all kept if none survives."""
+  keep = u > 1.0 - keep_prob
   keep[~keep.any(axis=1)] = True   # p = 0.2^36: keep all (the original would crash)
   order = np.argsort(~keep, axis=1, kind='stable')
   return order, keep.sum(axis=1).astype(np.int32)
@@ -135,7 +136,8 @@ class _TrainBatch:
   """Global step -> this process's slice of the augmented training batch."""
 
   def __init__(self, split: SplitSource, *, batch_size: int, seed: int, text: TextOptions,
-               size_augment: bool, word_augment: bool, local_batch: int, process_index: int):
+               size_augment: bool, word_augment: bool, local_batch: int, process_index: int,
+               region_keep_prob: float):
     self.split = split
     self.batch_size = batch_size
     self.steps_per_epoch = split.num_captions // batch_size
@@ -144,6 +146,7 @@ class _TrainBatch:
     self.seed = seed
     self.text = text
     self.size_augment = size_augment
+    self.region_keep_prob = region_keep_prob
     self.word_augment = word_augment
     self.local = slice(process_index * local_batch, (process_index + 1) * local_batch)
     self.tokens = split.tokens(text.vocab_path)
@@ -162,11 +165,12 @@ class _TrainBatch:
     rng = np.random.default_rng([self.seed, 1, step])
     b = len(captions)
     if self.size_augment:
-      order, counts = _drop_regions(rng.random((b, self.num_regions)), self.num_regions)
+      order, counts = _drop_regions(rng.random((b, self.num_regions)), self.region_keep_prob)
     else:
       order, counts = None, np.full(b, self.num_regions, np.int32)
     ids, lengths, truncated = caption_tokens.encode_batch(
-        self.tokens, captions, self.text.max_len, rng if self.word_augment else None)
+        self.tokens, captions, self.text.max_len, rng if self.word_augment else None,
+        self.text.augment)
     images = captions // 5
     mine = captions[self.local]
     batch = {
@@ -192,13 +196,16 @@ class _TrainBatch:
 def train_iterator(split: SplitSource, *, batch_size: int, num_steps: int, seed: int,
                    text: TextOptions, start_step: int = 0, size_augment: bool = True,
                    word_augment: bool = True, process_index: int = 0, process_count: int = 1,
-                   num_threads: int = 2, prefetch: int = 4):
-  """Batches for steps [start_step, num_steps) of this process: dicts of numpy arrays."""
+                   num_threads: int = 2, prefetch: int = 4, region_keep_prob: float = 0.8):
+  """Batches for steps [start_step, num_steps) of this process: dicts of numpy arrays.
+  Word augmentation follows `text.augment`; region dropout keeps each region w.p.
+  `region_keep_prob`."""
   if batch_size % process_count:
     raise ValueError(f'batch size {batch_size} is not divisible by {process_count} processes')
   make = _TrainBatch(split, batch_size=batch_size, seed=seed, text=text,
                      size_augment=size_augment, word_augment=word_augment,
-                     local_batch=batch_size // process_count, process_index=process_index)
+                     local_batch=batch_size // process_count, process_index=process_index,
+                     region_keep_prob=region_keep_prob)
   ds = grain.MapDataset.range(start_step, num_steps).map(make)
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                     prefetch_buffer_size=prefetch)))
@@ -206,31 +213,6 @@ def train_iterator(split: SplitSource, *, batch_size: int, num_steps: int, seed:
 
 def steps_per_epoch(split: SplitSource, batch_size: int) -> int:
   return split.num_captions // batch_size
-
-
-def collate(examples: list[dict], max_len: int, valid: list[bool] | None = None) -> dict:
-  """Stacks examples (regions, region_len, bert_ids list, caption_index, image_index) into the
-  fixed-shape batch contract (spec 2.7); batch maxima are over the valid rows."""
-  b = len(examples)
-  bert_ids = np.zeros((b, max_len), np.int32)
-  bert_len = np.zeros((b,), np.int32)
-  for row, ex in enumerate(examples):
-    ids = ex['bert_ids']
-    bert_ids[row, :len(ids)] = ids
-    bert_len[row] = len(ids)
-  valid = np.asarray(valid if valid is not None else [True] * b, bool)
-  batch = {
-      'regions': np.stack([ex['regions'] for ex in examples]).astype(np.float32),
-      'region_len': np.asarray([ex['region_len'] for ex in examples], np.int32),
-      'bert_ids': bert_ids,
-      'bert_len': bert_len,
-      'bert_mask': bert_ids != 0,
-      'caption_index': np.asarray([ex['caption_index'] for ex in examples], np.int32),
-      'image_index': np.asarray([ex['image_index'] for ex in examples], np.int32),
-      'valid': valid,
-      'truncated': np.asarray([ex.get('truncated', False) for ex in examples], bool),
-  }
-  return _add_maxima(batch)
 
 
 def _add_maxima(batch: dict) -> dict:
