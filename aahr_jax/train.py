@@ -23,10 +23,12 @@ from aahr_jax import aahr_step
 from aahr_jax import checkpoint
 from aahr_jax import config_checks
 from aahr_jax import evaluate
+from aahr_jax import json_files
 from aahr_jax import losses
 from aahr_jax import multi_positive
 from aahr_jax import multihost
 from aahr_jax import optim
+from aahr_jax import resume
 from aahr_jax import sharding
 # The state lives apart from the trainer (benchmarks use it without the data pipeline).
 from aahr_jax.train_state import (TrainState, create_state_fn, device_fields,  # pylint: disable=unused-import
@@ -108,13 +110,15 @@ def make_vse_train_step(model, tx, config, steps_per_epoch: int, schedule):
 class MetricsWriter:
   """metrics.jsonl and TensorBoard events in the workdir (process 0 only)."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, purge_step: int | None = None):
+    """`purge_step`: on resume, the first step logged again; TensorBoard hides the events of
+    that and later steps written before (metrics.jsonl is trimmed by resume.trim_logs)."""
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
     self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
-    self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), purge_step=purge_step)
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
@@ -259,8 +263,12 @@ def config_changes(workdir: str, config: ml_collections.ConfigDict) -> list[str]
   path = os.path.join(workdir, 'config.json')
   if not os.path.isfile(path):
     return []
-  with open(path, encoding='utf-8') as f:
-    stored = json.load(f)
+  try:
+    stored = json_files.read(path, 'it is rewritten from this command\'s config once the '
+                             'checkpoint is restored')
+  except json_files.DamagedFile as e:  # the checkpoint still says whether the config fits
+    print(f'{e}; the config changes cannot be listed.', flush=True)
+    return []
   current = json.loads(config.to_json_best_effort())
 
   def flat(tree, prefix=''):
@@ -298,23 +306,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
   # Resume from the latest complete checkpoint, if any.
   mngr = checkpoint.manager(workdir, config.keep_checkpoints)
   best_mngr = checkpoint.manager(workdir, 1, checkpoint.BEST_DIR)
-  start_step = 0
-  if mngr.latest_step() is not None:
+  start_step, meta = 0, None
+  if mngr.all_steps():
+    # The newest checkpoint that restores; damaged newer ones are moved aside (resume.py).
     changes = config_changes(workdir, config)
-    mismatches = checkpoint.state_mismatches(mngr, mngr.latest_step(), state)
-    if mismatches:  # checked before restoring: a failed orbax restore leaves noisy threads
-      raise ValueError(
-          f'cannot resume {workdir} at step {mngr.latest_step()} with this config: the saved '
-          f'train state has another structure ({len(mismatches)} arrays differ, e.g. '
-          f'{"; ".join(mismatches[:3])})'
-          + (f'; the config differs from the run\'s config.json in {"; ".join(changes)}'
-             if changes else '')
-          + '. Resume with the run\'s config, or start a new run with --fresh --overwrite or '
-          'another --workdir.')
-    state, meta = checkpoint.restore(mngr, mngr.latest_step(), state)
+    state, meta = resume.restore_newest_readable(mngr, state, workdir, changes)
     start_step = int(meta['step'])
     print(f'Resumed from {mngr.directory} at step {start_step}'
           + (f' with config changes: {"; ".join(changes)}' if changes else '') + '.', flush=True)
+  resume.check_best(best_mngr)
+  resume.trim_logs(workdir, start_step)  # the steps after start_step are logged again
   write_config(config, workdir)  # a resumed run's only once its checkpoint fits this config
   if start_step == 0:
     state = state.replace(params=jax.device_put(load_pretrained(config, state.params),
@@ -335,21 +336,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
       num_threads=config.data.num_threads)
   selection = SelectionEvaluator(config, workdir, run)
 
-  writer = MetricsWriter(workdir)
+  writer = MetricsWriter(workdir, purge_step=start_step + 1 if start_step else None)
   print(f'Training {config.model.name} for {total_steps} steps ({config.num_epochs} epochs of '
         f'{steps_per_epoch}) on {jax.device_count()} device(s), batch {config.batch_size}.',
         flush=True)
   bar = tqdm(total=total_steps, initial=start_step, desc='train', file=sys.stderr,
              mininterval=5.0, disable=jax.process_index() != 0)
   guard = PreemptionGuard()
-  truncated, skipped_total, skipped_in_a_row = 0, 0, 0
+  # Counters logged with every record: restored, so a resumed run logs what one run would.
+  truncated = int((meta or {}).get('truncated_captions', 0))
+  skipped_total, skipped_in_a_row = int((meta or {}).get('skipped_total', 0)), 0
   last_time, last_step = time.time(), start_step
   pending = None  # the previous step's metrics, read one step late to keep the device busy
   last_clean_checkpoint = mngr.latest_step()
 
   def save(step: int, force: bool = False) -> None:
-    checkpoint.save(mngr, step, state, {'step': step, 'epoch': step // steps_per_epoch},
-                    force=force)
+    checkpoint.save(mngr, step, state, {'step': step, 'epoch': step // steps_per_epoch,
+                                        'truncated_captions': truncated,
+                                        'skipped_total': skipped_total}, force=force)
 
   def check_skips(step: int, metrics) -> None:
     nonlocal skipped_total, skipped_in_a_row
@@ -461,8 +465,15 @@ def final_evaluation(config, workdir: str, run: dict, state: TrainState, total_s
   """Evaluates the selected model (best on the selection split), else the final step."""
   best = evaluate.read_best(workdir)
   best_mngr = checkpoint.manager(workdir, 1, checkpoint.BEST_DIR)
-  if best is not None and best_mngr.latest_step() == best['step']:
-    state, _ = checkpoint.restore(best_mngr, best['step'], state)
+  selected = best is not None and best_mngr.latest_step() == best['step']
+  if selected:
+    try:
+      state, _ = checkpoint.restore(best_mngr, best['step'], state)
+    except checkpoint.UnreadableCheckpoint as e:  # damaged while training: keep the run's result
+      resume.set_aside(e)
+      print('Evaluating the final step instead of the selected one.', flush=True)
+      selected = False
+  if selected:
     name = f'step {best["step"]} (best rsum {best["rsum"]:.1f})'
     selection_name = best['selection_split']
   else:
@@ -495,10 +506,20 @@ def evaluate_checkpoint(config, workdir: str, which: str | None = None) -> dict:
   best = evaluate.read_best(workdir)
   wants_best = which in (None, '', 'best') or (best is not None and str(which) == str(best['step']))
   if wants_best and best is not None and best_mngr.latest_step() == best['step']:
-    state, _ = checkpoint.restore(best_mngr, best['step'], run['state'])
+    state = _restore_for_eval(best_mngr, best['step'], run['state'], workdir)
     return evaluate_state(config, workdir, run, state,
                           checkpoint_name=f'step {best["step"]} (best rsum {best["rsum"]:.1f})',
                           selection_split=best['selection_split'])
   step = checkpoint.resolve_step(mngr, None if which == 'best' else which)
-  state, _ = checkpoint.restore(mngr, step, run['state'])
+  state = _restore_for_eval(mngr, step, run['state'], workdir)
   return evaluate_state(config, workdir, run, state, checkpoint_name=f'{mngr.directory}/{step}')
+
+
+def _restore_for_eval(mngr, step: int, target, workdir: str):
+  """checkpoint.restore; a damaged checkpoint is named with the readable steps to pass instead
+  (evaluation moves nothing: the user chooses)."""
+  try:
+    return checkpoint.restore(mngr, step, target)[0]
+  except checkpoint.UnreadableCheckpoint as e:
+    raise checkpoint.UnreadableCheckpoint(
+        e.folder, f'{e.reason}; {checkpoint.alternatives(workdir, e.folder)}') from None

@@ -94,11 +94,30 @@ def open_split(builder, split: str, config=None, workdir: str | None = None) -> 
   dev_captions = scan_files.DEV_MAX_CAPTIONS
   if config is not None:
     dev_captions = config.data.get('dev_captions', dev_captions)
-  source = builder.as_data_source(split)
+  source = open_source(builder, split)
   result = loader.SplitSource(source, max_captions=dev_captions if split == 'dev' else None)
   if config is not None and clip_features.clip_wanted(config):
     result.clip = clip_for_split(config, workdir, builder, split, source)
   return result
+
+
+REBUILD_COMMAND = 'python main.py --config <your config> --workdir <workdir> --mode build_data'
+
+
+def open_source(builder, split: str):
+  """The split's data source, its first and last records read once: a shard that was deleted,
+  truncated or overwritten (most often at its end) is named here, not deep in a loader thread."""
+  try:
+    source = builder.as_data_source(split)
+    if len(source):
+      source[0], source[len(source) - 1]  # pylint: disable=pointless-statement
+  except DataError:
+    raise
+  except (OSError, RuntimeError, ValueError) as e:  # array_record and numpy's messages
+    raise DataError(f'the built dataset in {builder.data_dir} is damaged (split {split}: '
+                    f'{str(e).splitlines()[0][:300]}); delete {builder.data_dir} and build it '
+                    f'again with `{REBUILD_COMMAND}`') from None
+  return source
 
 
 def clip_for_split(config, workdir: str, builder, split: str, source):
