@@ -18,7 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from aahr_jax import best_record
 from aahr_jax import blockwise_ranks
+from aahr_jax import json_files
 from aahr_jax import multi_positive_report
 from aahr_jax import multihost
 from aahr_jax import recall_plot
@@ -381,8 +383,10 @@ def read_best(workdir: str) -> dict | None:
   path = os.path.join(workdir, BEST_FILE)
   if not os.path.isfile(path):
     return None
-  with open(path, encoding='utf-8') as f:
-    return json.load(f)
+  try:
+    return json_files.read(path, 'rebuilding it from best/')
+  except json_files.DamagedFile as e:
+    return best_record.rebuild(workdir, path, e)
 
 
 def update_best(workdir: str, step: int, results: dict, split_name: str) -> bool:

@@ -113,10 +113,17 @@ def is_workdir(path) -> bool:
 
 
 def load_workdir_config(path) -> ml_collections.ConfigDict:
+  from aahr_jax import json_files
+  config_path = pathlib.Path(path) / WORKDIR_CONFIG
   try:
-    return ml_collections.ConfigDict(json.loads((pathlib.Path(path) / WORKDIR_CONFIG).read_text()))
-  except (OSError, ValueError) as e:
-    raise ValueError(f'cannot read {pathlib.Path(path) / WORKDIR_CONFIG}: {e}') from e
+    return ml_collections.ConfigDict(json_files.read(str(config_path), RESTORE_CONFIG))
+  except OSError as e:
+    raise ValueError(f'cannot read {config_path}: {e.strerror}; {RESTORE_CONFIG}') from None
+
+
+# A workdir's config.json is rewritten by every training run that resumes from it.
+RESTORE_CONFIG = ('copy it back from a backup, or rewrite it by running the training command '
+                  'of this workdir (with its --config) again: it resumes and rewrites the file')
 
 
 def load_workdir(path, step: str | int | None = None) -> tuple[ml_collections.ConfigDict, dict,
@@ -133,7 +140,11 @@ def load_workdir(path, step: str | int | None = None) -> tuple[ml_collections.Co
   if which is not None and str(which).isdigit() and best_mngr.latest_step() == int(which):
     mngr = best_mngr  # the selected model is kept in best/ even after checkpoints/ moved on
   resolved = checkpoint.resolve_step(mngr, which)
-  state = checkpoint.restore_on_one_device(mngr, resolved)
+  try:
+    state = checkpoint.restore_on_one_device(mngr, resolved)
+  except checkpoint.UnreadableCheckpoint as e:
+    raise checkpoint.UnreadableCheckpoint(
+        e.folder, f'{e.reason}; {checkpoint.alternatives(str(path), e.folder)}') from None
   params = {k: v for k, v in state['params'].items() if k in ENCODER_PARAMS}
   variables = jax.tree.map(np.asarray, {'params': params,
                                         'batch_stats': state.get('batch_stats') or {}})

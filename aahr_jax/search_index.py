@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 
+from aahr_jax import json_files
 from input_pipeline import datasets
 from input_pipeline import loader
 
@@ -79,8 +80,11 @@ def load_index(workdir: str, split_name: str) -> tuple[np.ndarray, dict] | None:
   images_path, meta_path = index_paths(workdir, split_name)
   if not (os.path.isfile(images_path) and os.path.isfile(meta_path)):
     return None
-  with open(meta_path, encoding='utf-8') as f:
-    meta = json.load(f)
+  try:
+    meta = json_files.read(meta_path, 'building the index again')
+  except json_files.DamagedFile as e:  # rebuilt from the checkpoint by open_index
+    print(f'{str(e).split("; ")[0]}: building the index again.', flush=True)
+    return None
   try:
     return np.load(images_path, allow_pickle=False), meta   # a pickled file would run code
   except ValueError as e:
