@@ -27,11 +27,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 15  # one epoch: checkpoints after steps 5, 10, 15, best/15 after the epoch's validation
 
 
+def run_config():
+  """test_train's tiny run with a corrupt batch at step 2 (skipped and counted), so that the
+  logged skip counter must come back from the checkpoint on resume."""
+  config = tiny_config(1)
+  config.debug.nan_steps = (1,)  # 0-based: logged step 2
+  return config
+
+
 @pytest.fixture(scope='module')
 def finished(tmp_path_factory):
   """(workdir, config, restored params of its last step) of a finished 15-step run."""
   workdir = str(tmp_path_factory.mktemp('finished'))
-  config = tiny_config(1)
+  config = run_config()
   train.train_and_evaluate(config, workdir)
   return workdir, config
 
@@ -136,7 +144,7 @@ def test_resume_moves_damaged_checkpoints_aside_and_matches_the_run(finished, tm
     truncate(os.path.join(workdir, name), 9)
   capsys.readouterr()
 
-  train.train_and_evaluate(tiny_config(1), workdir)
+  train.train_and_evaluate(run_config(), workdir)
 
   out = capsys.readouterr().out
   for step in ('15', '10'):
@@ -148,6 +156,7 @@ def test_resume_moves_damaged_checkpoints_aside_and_matches_the_run(finished, tm
   assert f'{workdir}/best.json is damaged: not valid JSON' in out
   reference = finished[0]
   assert logged(workdir) == logged(reference)  # the partial record and steps 6-15 logged once
+  assert [r['skipped_total'] for r in logged(workdir)] == [0] + [1] * (STEPS - 1)
   for name in ('config.json', 'eval/selection.jsonl'):
     assert read(workdir, name) == read(reference, name), name
   assert json.loads(read(workdir, 'best.json')) == json.loads(read(reference, 'best.json'))
