@@ -21,6 +21,7 @@ from configs import coco
 from configs import demo
 from configs import f30k
 from conversion.__main__ import main as conversion_main
+from input_pipeline.scan_files import DataError
 
 import config_reads
 
@@ -129,12 +130,17 @@ def test_quirk_flags_are_config_fields():
 
 
 def test_resume_does_not_reload_the_pretrained_file(pretrained_run, tmp_path):
-  """A resumed run holds its weights: the bert_init file is not read again (it may be gone)."""
+  """A resumed run holds its weights: the bert_init file is not read again (it may be gone).
+  Captions that max_len would cut are refused first."""
   config, workdir, _, _ = pretrained_run
   copy = str(tmp_path / 'run')
   shutil.copytree(workdir, copy)
   config = config.copy_and_resolve_references()
   config.model.bert_init = str(tmp_path / 'gone.safetensors')
+  short = config.copy_and_resolve_references()
+  short.data.max_len = 12  # cuts some training captions: refused before anything is restored
+  with pytest.raises(DataError, match='would be truncated'):
+    train.train_and_evaluate(short, copy)
   results = train.train_and_evaluate(config, copy)  # finished: restores and evaluates only
   with open(os.path.join(workdir, 'eval', 'test.json'), encoding='utf-8') as f:
     assert results['all'] == json.load(f)['all']
