@@ -73,6 +73,7 @@ def evaluate_ensemble(config, workdir: str, specs: list[str]) -> dict:
   from aahr_jax import sharding  # pylint: disable=import-outside-toplevel
   split_name = config.data.eval_split
   split = datasets.open_split(datasets.build(config, workdir), split_name)
+  datasets.check_eval_protocol(config, split_name, split)
   mesh = sharding.create_mesh(config.mesh)
   members, names = [], []
   for spec in specs:

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax import traverse_util
 from tqdm import tqdm
 
 from aahr_jax import aahr_step
@@ -30,41 +29,13 @@ from aahr_jax import multihost
 from aahr_jax import optim
 from aahr_jax import resume
 from aahr_jax import sharding
+from aahr_jax import train_state
 # The state lives apart from the trainer (benchmarks use it without the data pipeline).
 from aahr_jax.train_state import (TrainState, create_state_fn, device_fields,  # pylint: disable=unused-import
                                    sample_batch, uses_clip)
 from aahr_jax.models import aahr
-from aahr_jax.models import bert as bert_lib
 from input_pipeline import datasets
 from input_pipeline import loader
-
-def load_pretrained(config, params):
-  """Replaces `txt/bert` with the converted weights named by config.model.bert_init."""
-  path = config.model.bert_init
-  if not path:
-    return params
-  if not os.path.isfile(path):
-    raise FileNotFoundError(
-        f'config.model.bert_init = {path}: file not found. Convert a BERT checkpoint with '
-        f'`python -m conversion bert --src bert-base-uncased/ --out {path}`, or set '
-        '--config.model.bert_init= for a random init')
-  _, loaded = bert_lib.load(path)
-  if config.model.get('bert_scan', False):
-    loaded = bert_lib.stack_layers(loaded, config.model.bert['num_hidden_layers'])
-  current = traverse_util.flatten_dict(params['txt']['bert'], sep='/')
-  new = traverse_util.flatten_dict(loaded, sep='/')
-  missing = sorted(set(current) - set(new))
-  if missing or any(current[k].shape != new[k].shape for k in current):
-    bad = [k for k in current if k in new and current[k].shape != new[k].shape]
-    raise ValueError(f'{path} does not fit config.model.bert: missing {missing[:5]}, '
-                     f'shape mismatches {bad[:5]}')
-  params = dict(params)
-  params['txt'] = dict(params['txt'])
-  params['txt']['bert'] = traverse_util.unflatten_dict(
-      {k: np.asarray(new[k], current[k].dtype) for k in current}, sep='/')  # host arrays:
-  # the caller places them with the state's shardings (one copy per process, not per device)
-  return params
-
 
 def make_train_step(model, tx, config, steps_per_epoch: int, schedule):
   """The jittable step of the configured model: AAHR's (aahr_step.py) or VSE-infinity's."""
@@ -157,6 +128,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str):
     from input_pipeline import clip_cache  # pylint: disable=import-outside-toplevel
     multihost.main_first('clip_cache', lambda: clip_cache.build(config, workdir))
   train_split = datasets.open_split(builder, config.data.train_split)
+  eval_split = config.data.eval_split
+  if eval_split in builder.info.splits:  # a wrong protocol is refused now, not after training
+    datasets.check_eval_protocol(config, eval_split, datasets.open_split(builder, eval_split))
   steps_per_epoch = loader.steps_per_epoch(train_split, config.batch_size)
   model = aahr.build_model(config.model, config.get('dtype', 'float32'))
   mesh = sharding.create_mesh(config.mesh)
@@ -301,6 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
   steps_per_epoch = run['steps_per_epoch']
   total_steps = steps_per_epoch * config.num_epochs
   text = datasets.text_options(config)
+  datasets.check_caption_lengths(config, config.data.train_split, run['train_split'])
   check_disk_space(workdir, state, config.keep_checkpoints)
 
   # Resume from the latest complete checkpoint, if any.
@@ -318,8 +293,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
   resume.trim_logs(workdir, start_step)  # the steps after start_step are logged again
   write_config(config, workdir)  # a resumed run's only once its checkpoint fits this config
   if start_step == 0:
-    state = state.replace(params=jax.device_put(load_pretrained(config, state.params),
-                                                run['state_shardings'].params))
+    state = train_state.start_from_pretrained(config, state, run['state_shardings'])
 
   train_step = jax.jit(make_train_step(model, run['tx'], config, steps_per_epoch,
                                        run['schedule']),
@@ -333,7 +307,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
       seed=config.seed, text=text, start_step=start_step,
       size_augment=config.data.size_augment, word_augment=config.data.word_augment,
       process_index=block, process_count=blocks,
-      num_threads=config.data.num_threads)
+      num_threads=config.data.num_threads, region_keep_prob=config.data.region_keep_prob)
   selection = SelectionEvaluator(config, workdir, run)
 
   writer = MetricsWriter(workdir, purge_step=start_step + 1 if start_step else None)
@@ -486,6 +460,7 @@ def evaluate_state(config, workdir: str, run: dict, state: TrainState, checkpoin
                    selection_split: str = 'none') -> dict:
   split_name = config.data.eval_split
   split = datasets.open_split(run['builder'], split_name)
+  datasets.check_eval_protocol(config, split_name, split)
   print(f'Evaluating on {split_name} ({split.num_images} images, {split.num_captions} captions).',
         flush=True)
   return evaluate.evaluate(

@@ -7,6 +7,7 @@ the `dev` truncation and, when the model takes CLIP features, the cached (or onl
 
 import os
 
+from input_pipeline import caption_tokens
 from input_pipeline import clip_features
 from input_pipeline import layouts
 from input_pipeline import loader
@@ -136,7 +137,16 @@ def clip_for_split(config, workdir: str, builder, split: str, source):
 
 
 def text_options(config) -> loader.TextOptions:
-  return loader.TextOptions(max_len=config.data.max_len, vocab_path=config.data.vocab_path or None)
+  """Tokenisation and training augmentation settings (workdirs written before the augmentation
+  fields existed get the released code's values)."""
+  augment = caption_tokens.WordAugment()
+  probs = config.data.get('token_aug_probs')
+  if probs is not None:
+    augment = caption_tokens.WordAugment(
+        select=probs['select'], mask=probs['mask'], random=probs['random'],
+        delete=probs['delete'], exclude_special=config.data.token_aug_exclude_special)
+  return loader.TextOptions(max_len=config.data.max_len, vocab_path=config.data.vocab_path or None,
+                            augment=augment)
 
 
 def fold_ranges(split: loader.SplitSource, folds: int = 5) -> list[tuple[range, range]]:
@@ -148,11 +158,41 @@ def fold_ranges(split: loader.SplitSource, folds: int = 5) -> list[tuple[range, 
 
 
 def check_eval_protocol(config, split_name: str, split: loader.SplitSource) -> None:
-  """COCO 1K is the 5-fold mean over testall; refuse the fold protocol on COCO `test` (1K)."""
-  if config.eval.get('protocol') != 'coco':
-    return
-  if config.data.name == 'coco' and split.num_images != 5000:
-    raise DataError(f'eval.protocol=coco needs the 5,000-image testall split; {split_name!r} has '
-                    f'{split.num_images:,} images (COCO 1K results are the mean of the 5 folds of '
-                    'testall, never an evaluation of `test`)')
-  fold_ranges(split)
+  """Refuses, before anything is encoded, the protocol/split pairs whose numbers no paper
+  reports: COCO 1K is the mean of the 5 folds of the 5,000-image testall (never an evaluation of
+  the 1,000-image `test`), COCO 5K is testall; Flickr30K is its 1,000-image test, one fold."""
+  protocol, dataset = config.eval.protocol, config.data.name
+  coco_fix = ('evaluate COCO with --config.data.eval_split=testall --config.eval.protocol=coco '
+              '(5K and the 5-fold 1K)')
+  if protocol == 'coco':
+    if dataset == 'f30k':
+      raise DataError(f'eval.protocol=coco on Flickr30K split {split_name!r}: the 5-fold protocol '
+                      'is COCO\'s; Flickr30K is evaluated with --config.eval.protocol=single')
+    if dataset == 'coco' and split.num_images != 5000:
+      raise DataError(f'eval.protocol=coco needs the 5,000-image testall split; {split_name!r} has '
+                      f'{split.num_images:,} images (COCO 1K results are the mean of the 5 folds '
+                      'of testall, never an evaluation of `test`)')
+    fold_ranges(split)
+  elif protocol == 'single':
+    if dataset == 'coco' and split_name == 'test':
+      raise DataError(f'COCO split \'test\' ({split.num_images:,} images) is not an evaluation '
+                      f'protocol of the papers (it over-states COCO 1K by several points): '
+                      f'{coco_fix}')
+  else:
+    raise DataError(f"config.eval.protocol = {protocol!r}; expected 'single' or 'coco'")
+
+
+def check_caption_lengths(config, split_name: str, split: loader.SplitSource) -> None:
+  """Refuses to train when config.data.max_len would cut captions of the split (the originals
+  never truncate), unless config.data.allow_truncation is set."""
+  lengths = split.tokens(config.data.vocab_path or None).lengths
+  max_len = config.data.max_len
+  longer = int((lengths > max_len).sum())
+  allowed = config.data.get('allow_truncation', False)
+  if longer and not allowed:
+    longest = int(lengths.max())
+    raise DataError(
+        f'{longer:,} of the {len(lengths):,} {split_name} captions are longer than '
+        f'config.data.max_len = {max_len} BERT tokens (the longest has {longest} with '
+        f'[CLS]/[SEP]) and would be truncated: set --config.data.max_len={-(-longest // 8) * 8}, '
+        'or --config.data.allow_truncation=True to train on truncated captions')
