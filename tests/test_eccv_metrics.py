@@ -241,3 +241,16 @@ def test_evaluation_reports_the_block(tmp_path, capsys):
                                    for k in ('map_at_r', 'r_precision', 'r1')}
   assert (tmp_path / 'eval' / 'test_multi_positive.png').stat().st_size > 0
   assert any(name.startswith('events') for name in os.listdir(tmp_path / 'tensorboard'))
+
+
+def test_coco_configs_evaluate_eccv_on_testall_only(capsys):
+  from configs import gpo_coco  # pylint: disable=import-outside-toplevel
+  image_ids, _ = _library_ids()
+  split = types.SimpleNamespace(num_images=5000, source=[{'image_id': i} for i in image_ids])
+  config = gpo_coco.get_config()
+  gt = multi_positive.for_config(config, '/nonexistent', 'testall', split)
+  assert gt.families == ('eccv', 'cxc') and gt.image_ids.tolist() == image_ids.tolist()
+  assert multi_positive.for_config(config, '/nonexistent', 'test', split) is None
+  assert "they score COCO testall, not 'test'" in capsys.readouterr().out
+  config.eval.eccv = False
+  assert multi_positive.for_config(config, '/nonexistent', 'testall', split) is None
