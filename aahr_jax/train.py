@@ -320,6 +320,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
   # Counters logged with every record: restored, so a resumed run logs what one run would.
   truncated = int((meta or {}).get('truncated_captions', 0))
   skipped_total, skipped_in_a_row = int((meta or {}).get('skipped_total', 0)), 0
+  max_skips = config.max_consecutive_skips
   last_time, last_step = time.time(), start_step
   pending = None  # the previous step's metrics, read one step late to keep the device busy
   last_clean_checkpoint = mngr.latest_step()
@@ -334,13 +335,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
     if int(metrics['skipped']):
       skipped_total += 1
       skipped_in_a_row += 1
-      if skipped_in_a_row > config.max_consecutive_skips:
+      if skipped_in_a_row > max_skips:
         terms = {k: float(v) for k, v in jax.device_get(metrics).items()
                  if k == 'loss' or k.startswith('loss_')}
         mngr.wait_until_finished()
         raise TrainingStopped(
             f'step {step}: the loss or its gradient was not finite for {skipped_in_a_row} steps '
-            f'in a row (config.max_consecutive_skips = {config.max_consecutive_skips}); loss '
+            f'in a row (config.max_consecutive_skips = {max_skips}); loss '
             f'terms: {terms}. The last checkpoint before these steps is step '
             f'{last_clean_checkpoint} in {mngr.directory}.', EXIT_NON_FINITE)
     else:

@@ -17,7 +17,11 @@ from aahr_jax import results_file
 from aahr_jax import search_index
 from aahr_jax import train
 from configs import demo
+from configs import gpo_coco
+from configs import gpo_f30k
 from input_pipeline import datasets
+
+import config_reads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_IMAGES = 20
@@ -41,10 +45,27 @@ def search_config():
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory):
+def recorded_training(tmp_path_factory):
+  """The trained workdir, its results, and the config fields the run read."""
   workdir = str(tmp_path_factory.mktemp('search') / 'run')
-  results = train.train_and_evaluate(search_config(), workdir)
-  return workdir, results
+  config = search_config()
+  with config_reads.recording(config) as reads:
+    results = train.train_and_evaluate(config, workdir)
+  return workdir, results, config, reads
+
+
+@pytest.fixture(scope='module')
+def trained(recorded_training):
+  return recorded_training[:2]
+
+
+def test_every_field_of_the_vse_infinity_configs_acts(recorded_training):
+  _, _, config, reads = recorded_training
+  config_reads.assert_every_field_read(config, reads, model='vse_infinity')
+  # The published GPO configs have the run's fields, so the same reads cover them.
+  fields = config_reads.leaf_paths(config)
+  for published in (gpo_f30k.get_config(), gpo_coco.get_config()):
+    assert config_reads.leaf_paths(published) == fields
 
 
 def test_search_finds_the_ground_truth_image(trained):
