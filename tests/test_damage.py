@@ -118,6 +118,25 @@ def logged(workdir: str) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if k != 'examples_per_sec'} for line in f]
 
 
+def tensorboard_restarts(workdir: str) -> list[int]:
+  """The steps of the purge markers (SessionLog START) in the TensorBoard event files: from the
+  marker's step on, TensorBoard hides the events written before it."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  steps = []
+  folder = os.path.join(workdir, 'tensorboard')
+  for name in sorted(os.listdir(folder)):
+    with open(os.path.join(folder, name), 'rb') as f:
+      data = f.read()
+    at = 0
+    while at < len(data):  # TFRecord: length (8), its CRC (4), the record, its CRC (4)
+      length = int.from_bytes(data[at:at + 8], 'little')
+      event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+      at += 16 + length
+      if event.session_log.status == event_pb2.SessionLog.START:
+        steps.append(event.step)
+  return steps
+
+
 def read(workdir: str, name: str):
   with open(os.path.join(workdir, name), encoding='utf-8') as f:
     return f.read()
@@ -157,6 +176,7 @@ def test_resume_moves_damaged_checkpoints_aside_and_matches_the_run(finished, tm
   reference = finished[0]
   assert logged(workdir) == logged(reference)  # the partial record and steps 6-15 logged once
   assert [r['skipped_total'] for r in logged(workdir)] == [0] + [1] * (STEPS - 1)
+  assert tensorboard_restarts(workdir) == [6]  # the events of steps 6-15 written before: hidden
   for name in ('config.json', 'eval/selection.jsonl'):
     assert read(workdir, name) == read(reference, name), name
   assert json.loads(read(workdir, 'best.json')) == json.loads(read(reference, 'best.json'))
