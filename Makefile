@@ -10,9 +10,11 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 
 .PHONY: demo test test-fast test-next bench clean
 
-$(VENV)/.installed: requirements.txt
+# The development install (requirements-dev.txt includes requirements.txt): the tests, the
+# benchmarks and the PyTorch conversion need torch and transformers as parity references.
+$(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --disable-pip-version-check -r requirements.txt
+	$(VENV)/bin/pip install --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
 demo: $(VENV)/.installed
@@ -50,9 +52,10 @@ clean:
 PYTHON_NEXT ?= python3.12
 VENV_NEXT := .venv-next
 
-$(VENV_NEXT)/.installed: requirements.txt .ci/jax_next.txt
+$(VENV_NEXT)/.installed: requirements.txt requirements-dev.txt .ci/jax_next.txt
 	$(PYTHON_NEXT) -m venv $(VENV_NEXT)
-	grep -v -E '^(numpy|jax|jaxlib|flax)==' requirements.txt > $(VENV_NEXT)/requirements.txt
+	cat requirements.txt requirements-dev.txt | grep -v -E '^(numpy|jax|jaxlib|flax)==|^-r ' \
+	  > $(VENV_NEXT)/requirements.txt
 	$(VENV_NEXT)/bin/pip install --disable-pip-version-check -r $(VENV_NEXT)/requirements.txt \
 	  -r .ci/jax_next.txt
 	touch $@
