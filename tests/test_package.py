@@ -1,0 +1,50 @@
+"""pyproject.toml: the console command resolves, the packages are found, dependencies are runtime."""
+
+import importlib
+import os
+import subprocess
+import sys
+import tomllib
+
+import setuptools
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _pyproject() -> dict:
+  with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
+    return tomllib.load(f)
+
+
+def test_console_command_is_the_main_py_entry_point():
+  target = _pyproject()['project']['scripts']['aahr-jax']
+  module_name, function = target.split(':')
+  module = importlib.import_module(module_name)
+  assert callable(getattr(module, function))
+  with open(os.path.join(ROOT, 'main.py'), encoding='utf-8') as f:
+    assert f'{module_name.split(".")[-1]}.{function}()' in f.read()   # main.py calls the same
+
+
+def test_every_package_with_code_is_installed():
+  found = set(setuptools.find_packages(
+      ROOT, include=_pyproject()['tool']['setuptools']['packages']['find']['include']))
+  top = {p for p in found if '.' not in p}
+  assert top == {'aahr_jax', 'input_pipeline', 'conversion', 'configs', 'benchmarks'}
+  assert {'aahr_jax.models', 'input_pipeline.builders'} <= found
+
+
+def test_dependencies_are_the_running_requirements():
+  dynamic = _pyproject()['tool']['setuptools']['dynamic']['dependencies']['file']
+  assert dynamic == ['requirements.txt']
+  with open(os.path.join(ROOT, 'requirements.txt'), encoding='utf-8') as f:
+    names = {line.split('==')[0].strip() for line in f if line.strip()[:1].isalnum()}
+  assert {'jax', 'flax', 'optax', 'orbax-checkpoint', 'grain', 'tokenizers'} <= names
+  assert not names & {'torch', 'transformers', 'pytest'}, 'conversion/test pins: -dev file'
+
+
+def test_help_lists_every_mode_on_one_line():
+  from aahr_jax import cli   # pylint: disable=import-outside-toplevel
+  out = subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), '--help'], cwd='/',
+                       capture_output=True, text=True, timeout=60).stdout   # absl exits 1 after --help
+  for mode, line in cli.MODES.items():
+    assert f'{mode}: {line}' in out
