@@ -81,15 +81,17 @@ def make_vse_train_step(model, tx, config, steps_per_epoch: int, schedule):
 class MetricsWriter:
   """metrics.jsonl and TensorBoard events in the workdir (process 0 only)."""
 
-  def __init__(self, workdir: str, purge_step: int | None = None):
-    """`purge_step`: on resume, the first step logged again; TensorBoard hides the events of
-    that and later steps written before (metrics.jsonl is trimmed by resume.trim_logs)."""
+  def __init__(self, workdir: str, start_step: int = 0):
+    """`start_step`: the restored step. Events an earlier process wrote for later steps are
+    hidden by TensorBoard (`purge_step`); metrics.jsonl was trimmed by resume.trim_logs."""
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
     self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
-    self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), purge_step=purge_step)
+    events = os.path.join(workdir, 'tensorboard')
+    earlier = os.path.isdir(events) and bool(os.listdir(events))
+    self.tb = SummaryWriter(events, purge_step=start_step + 1 if earlier else None)
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
@@ -310,7 +312,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
       num_threads=config.data.num_threads, region_keep_prob=config.data.region_keep_prob)
   selection = SelectionEvaluator(config, workdir, run)
 
-  writer = MetricsWriter(workdir, purge_step=start_step + 1 if start_step else None)
+  writer = MetricsWriter(workdir, start_step)
   print(f'Training {config.model.name} for {total_steps} steps ({config.num_epochs} epochs of '
         f'{steps_per_epoch}) on {jax.device_count()} device(s), batch {config.batch_size}.',
         flush=True)
