@@ -10,10 +10,10 @@ import json
 import os
 
 from aahr_jax import checkpoint
+from aahr_jax import evaluate
 from aahr_jax import multihost
 
 METRICS_FILE = 'metrics.jsonl'
-SELECTION_LOG = os.path.join('eval', 'selection.jsonl')
 
 
 def restore_newest_readable(mngr, state, workdir: str, changes: list[str]):
@@ -51,7 +51,7 @@ def restore_newest_readable(mngr, state, workdir: str, changes: list[str]):
 
 
 def set_aside(error: 'checkpoint.UnreadableCheckpoint') -> None:
-  """Process 0 renames the folder; every process reports it and waits for the rename."""
+  """Process 0 renames the folder and says so; the other processes wait for the rename."""
   if multihost.is_main():
     moved = checkpoint.move_aside(error.folder)
     print(f'{error}; moved to {moved}.', flush=True)
@@ -75,7 +75,7 @@ def trim_logs(workdir: str, step: int) -> None:
   restored checkpoint go; those steps are trained and logged again."""
   if not multihost.is_main():
     return
-  for name in (METRICS_FILE, SELECTION_LOG):
+  for name in (METRICS_FILE, evaluate.SELECTION_LOG):
     path = os.path.join(workdir, name)
     if not os.path.isfile(path):
       continue
