@@ -1,6 +1,6 @@
 """AAHR's training step: query encoders, criterion and momentum contrast in one jitted function.
 
-Order and gates follow the released code (aahr_spec.md 1.2 and 2.19), with `it` = the global
+Order and gates follow the released code (docs/method.md 1.2 and 2.19), with `it` = the global
 step before this update:
   1. query encoders forward (train mode);
   2. criterion: DWS triplet on the fused embeddings; SwAV with the prototypes renormalised in
@@ -10,7 +10,7 @@ step before this update:
      gradient, InfoNCE against the queues (once they have been filled), enqueue the keys;
   4. a non-finite loss or gradient skips the update (counters, EMA and enqueue have happened,
      quirk Q25); otherwise clip + AdamW (prototypes and relation module with their own Adam
-     states that start with their losses, aahr_spec.md 3.1).
+     states that start with their losses, docs/method.md 3.1).
 Everything random comes from the state's key folded with the step, one stream per use.
 """
 
@@ -92,7 +92,7 @@ def init_criterion(config, model_out_shapes: dict, rng) -> dict:
 
 
 def init_extra(config, params: dict, rng) -> dict:
-  """Momentum copies of the encoders and the two MoCo queues (aahr_spec.md 2.16), plus the
+  """Momentum copies of the encoders and the two MoCo queues (docs/method.md 2.16), plus the
   image ids of the queued keys when moco.mask_same_image needs them (-1: no key yet).
 
   The momentum copies are of `params` as given; weights loaded into the query encoders later

@@ -1,4 +1,4 @@
-"""Protocol ranks from embeddings, tile by tile on the device (data_eval_spec.md 3.2, 3.5, 3.6).
+"""Protocol ranks from embeddings, tile by tile on the device (docs/data.md 3.2, 3.5).
 
 The similarity matrix S = V T^T is never held whole: it is computed in tiles of `tile` images x
 `5 * tile` captions by one jitted matmul, and each tile is reduced at once to counts

@@ -1,5 +1,5 @@
 """Zero-shot CLIP baseline: the cached frozen-CLIP features alone, scored like AAHR
-(data_eval_spec.md section 4).
+(docs/data.md section 4).
 
 Standard protocol (CLIP_benchmark, the open_clip retrieval table): both features L2-normalised,
 S = cosine similarity. `normalize=False` scores the raw features by dot product, as AAHR's

@@ -1,6 +1,6 @@
 """Evaluation: encode each image once and every caption, similarities, the original's metrics.
 
-Protocol: data_eval_spec.md section 3. The metric functions live in `aahr_jax.metrics` and are
+Protocol: docs/data.md section 3. The metric functions live in `aahr_jax.metrics` and are
 re-exported here (`recall_metrics`, `coco_metrics`). The data pipeline (Grain) is imported only
 by the functions that read a split, so scoring embeddings needs JAX and numpy alone (the GPU
 benchmark machine has no Grain).
@@ -125,7 +125,7 @@ def _mean_curve(curves: list[dict]) -> dict:
 
 
 def _block_results(ranks: blockwise_ranks.Ranks) -> dict:
-  """Metrics of one block; tie-bound metrics too when a tie touches a positive (spec 3.5)."""
+  """Metrics of one block; tie-bound ones too when a tie touches a positive (docs/data.md 3.5)."""
   out = {'metrics': metrics_from_ranks(ranks.i2t, ranks.t2i), 'ties': ranks.ties,
          'curve': recall_curve(ranks.i2t, ranks.t2i)}
   if any(ranks.ties.values()):

@@ -23,7 +23,7 @@ def vse_contrastive_loss(img: jax.Array, cap: jax.Array, *, margin: float = 0.2,
                          max_violation: bool | jax.Array = True,
                          ids: jax.Array | None = None,
                          sum_mode_divides_by_batch: bool = False) -> jax.Array:
-  """VSE++ hinge loss (aahr_spec.md 2.18).
+  """VSE++ hinge loss (docs/method.md 2.18).
 
   Args:
     img: [B, D] image embeddings. cap: [B, D] caption embeddings; row b of each is a positive pair.
@@ -52,7 +52,7 @@ def vse_contrastive_loss(img: jax.Array, cap: jax.Array, *, margin: float = 0.2,
 
 
 # ----------------------------------------------------------------------------------------------
-# HREM triplet loss with distance-weighted negative sampling (aahr_spec.md 2.17)
+# HREM triplet loss with distance-weighted negative sampling (docs/method.md 2.17)
 # ----------------------------------------------------------------------------------------------
 
 TRIPLET_MARGIN = 0.2  # hard-coded in the original; `--margin` is not read by this loss
@@ -208,7 +208,7 @@ def dws_triplet_loss(img: jax.Array, cap: jax.Array, ids: jax.Array, *, cutoff: 
 
 
 # ----------------------------------------------------------------------------------------------
-# SwAV prototype loss (aahr_spec.md 2.15)
+# SwAV prototype loss (docs/method.md 2.15)
 # ----------------------------------------------------------------------------------------------
 
 def normalize_rows(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -264,7 +264,7 @@ def swav_loss(img: jax.Array, cap: jax.Array, prototypes: jax.Array, *,
 
 
 # ----------------------------------------------------------------------------------------------
-# Momentum contrast: InfoNCE and the key queues (aahr_spec.md 2.16)
+# Momentum contrast: InfoNCE and the key queues (docs/method.md 2.16)
 # ----------------------------------------------------------------------------------------------
 
 MOCO_TEMPERATURE = 0.07
@@ -352,7 +352,7 @@ def enqueue_keys(queue: jax.Array, pointer: jax.Array, keys: jax.Array) -> tuple
 
 
 # ----------------------------------------------------------------------------------------------
-# KL regulariser of the relation module (aahr_spec.md 2.14 g)
+# KL regulariser of the relation module (docs/method.md 2.14)
 # ----------------------------------------------------------------------------------------------
 
 def kl_batchmean(guide: jax.Array, relevance: jax.Array, *, temperature: float = 1.0) -> jax.Array:
@@ -395,7 +395,7 @@ def relation_kl_regulariser(global_sim: jax.Array, relevance_i2t: jax.Array,
 
 
 # ----------------------------------------------------------------------------------------------
-# Loss gates and the total (aahr_spec.md 2.19)
+# Loss gates and the total (docs/method.md 2.19)
 # ----------------------------------------------------------------------------------------------
 
 def loss_weights(iter_count: jax.Array, moco_count: jax.Array, *, moco_queue_length: int,

@@ -1,6 +1,6 @@
 """Retrieval metrics exactly as the original VSE/HREM/AAHR evaluators compute them.
 
-data_eval_spec.md section 3. Ranks are 0-based; i2t takes the best of an image's five captions;
+docs/data.md section 3. Ranks are 0-based; i2t takes the best of an image's five captions;
 medr = floor(median) + 1, meanr = mean + 1; recalls in percent.
 
 Ranks are found by counting the entries that score higher than the positive (no sort). Where an
@@ -96,7 +96,7 @@ def recall_metrics(sims: np.ndarray) -> dict[str, float]:
 
 
 def count_ties(sims: np.ndarray) -> dict[str, int]:
-  """How many i2t rows / t2i columns have an exact tie at their positive (spec 3.5)."""
+  """How many i2t rows / t2i columns have an exact tie at their positive (docs/data.md 3.5)."""
   sims = np.asarray(sims)
   return {'i2t_tied': i2t_ranks(sims)[1], 't2i_tied': t2i_ranks(sims)[1]}
 

@@ -103,7 +103,7 @@ def start_at(inner: optax.GradientTransformation, first_step: int) -> optax.Grad
   """`inner` takes effect from global step `first_step` on; before that: no update, no state change.
 
   PyTorch's AdamW skips a parameter whose gradient is None: no moment update, no weight decay,
-  and its bias-correction step count starts at its first real gradient (aahr_spec.md 3.1). The
+  and its bias-correction step count starts at its first real gradient (docs/method.md 3.1). The
   prototypes and the relation module only get gradients once their loss is switched on.
   """
 

@@ -1,4 +1,4 @@
-"""`results_<dataset>.npy`: the originals' similarity file (data_eval_spec.md 3.4).
+"""`results_<dataset>.npy`: the originals' similarity file (docs/data.md 3.4).
 
 `np.save(path, {'npts': n, 'sims': S})`: a pickled 0-d object array holding a dict, `npts` the
 number of images (Python int), `sims` float64 [npts, 5 * npts] (rows images in split order,

@@ -409,7 +409,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
 
 class SelectionEvaluator:
   """Validation on the selection split every `eval.every_epochs` epochs; keeps the best model
-  (by rSum) in <workdir>/best and best.json (aahr_spec.md Q4: the split is logged)."""
+  (by rSum) in <workdir>/best and best.json (docs/method.md Q4: the split is logged)."""
 
   def __init__(self, config, workdir: str, run: dict):
     self.config, self.workdir, self.run_info = config, workdir, run

@@ -1,17 +1,17 @@
 """AAHR configuration shared by configs/f30k.py and configs/coco.py: the model, its losses, the
 relation module, prototypes, momentum contrast, and one flag per quirk of the released code.
 
-Values are the released code's (aahr_spec.md 3.4: arguments.py defaults, run_f30k.sh /
+Values are the released code's (docs/method.md 3.4: arguments.py defaults, run_f30k.sh /
 run_coco.sh, hard-coded constants). `quirks='faithful'` (default) reproduces the released code
 and is required for converted checkpoints and the published numbers; `quirks='corrected'` flips
-every quirk flag that fixes a bug (table QUIRK_FLAGS; aahr_spec.md section 5).
+every quirk flag that fixes a bug (table QUIRK_FLAGS; docs/method.md section 5).
 """
 
 import ml_collections
 
 from configs import common
 
-# config path -> (faithful value, corrected value, quirk ids of aahr_spec.md section 5)
+# config path -> (faithful value, corrected value, quirk ids of docs/method.md section 5)
 QUIRK_FLAGS = {
     'model.gglp_mask_padding': (False, True, 'Q1, Q20'),   # GGLP softmax over pads < batch max
     'model.renorm_fused': (False, True, 'Q5, Q10, Q16'),   # fused embeddings not unit-norm
@@ -58,7 +58,7 @@ def aahr_model(embed_size: int = 1024, bert: dict | None = None) -> ml_collectio
   m.renorm_fused = False
   m.bn_mask_padding = False
   m.gglp_mask_padding = False
-  # Frozen CLIP whose global features are model inputs (cached once; aahr_spec.md 2.2).
+  # Frozen CLIP whose global features are model inputs (cached once; docs/method.md 2.2).
   m.clip_dim = 512
   m.use_clip = True
   # OpenCLIP ViT-B-32 laion2b_s34b_b79k converted by `python -m conversion open_clip`.
@@ -135,7 +135,7 @@ def aahr_config(dataset: str, batch_size: int, nmb_prototypes: int,
   c.optim.graph_lr_factor = 1.0        # criterion group (prototypes, GNN Transformer, GCNs)
   # Never updated in the original (no gradient -> torch AdamW skips them): BERT pooler, the
   # unused BN, the HREM relevance MLPs. Prototypes and the graph module start late with their own
-  # Adam step counts (aahr_spec.md 3.1).
+  # Adam step counts (docs/method.md 3.1).
   c.optim.frozen = ('.*/bns_1/.*', 'txt/bert/pooler/.*')
 
   c.batch_size = batch_size

@@ -1,8 +1,8 @@
-"""Zero-shot CLIP baseline: the cached frozen-CLIP features alone (data_eval_spec.md section 4).
+"""Zero-shot CLIP baseline: the cached frozen-CLIP features alone (docs/data.md section 4).
 
   python main.py --config configs/clip_zeroshot.py:dataset=f30k --workdir runs/clip_f30k \
-      --mode eval --config.data.manual_dir=/data/f30k/precomp \
-      --config.model.clip_checkpoint=clip/ViT-B-32-laion2b.safetensors
+      --mode eval --config.data.manual_dir=/data \
+      --config.model.clip_checkpoint=weights/open_clip_vit_b32_laion2b.safetensors
   ... :dataset=coco                          COCO 5K and 5-fold 1K (testall)
   ... --config.clip_zeroshot.normalize=False AAHR's clip_eval.py: raw dot products (not standard)
 

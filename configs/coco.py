@@ -1,9 +1,9 @@
 """AAHR, BUTD regions + BERT-base + frozen CLIP ViT-B/32 features, MS-COCO; the published
-hyper-parameters (aahr_spec.md 3.4; run_coco.sh).
+hyper-parameters (docs/method.md 3.4; run_coco.sh).
 
   python -m conversion bert --src bert-base-uncased/ --out weights/bert-base-uncased.safetensors
   python main.py --config configs/coco.py --workdir runs/coco \
-      --config.data.manual_dir=/data/coco/precomp
+      --config.data.manual_dir=/data
   python main.py --config configs/coco.py:quirks=corrected ...   # bug-fixed variant
 
 run_coco.sh: batch 256, 40 epochs, lr 5e-4 (BERT 0.1x) x0.1 at epochs 15 and 25, AdamW wd 1e-4,

@@ -1,9 +1,9 @@
 """AAHR, BUTD regions + BERT-base + frozen CLIP ViT-B/32 features, Flickr30K; the published
-hyper-parameters (aahr_spec.md 3.4; run_f30k.sh).
+hyper-parameters (docs/method.md 3.4; run_f30k.sh).
 
   python -m conversion bert --src bert-base-uncased/ --out weights/bert-base-uncased.safetensors
   python main.py --config configs/f30k.py --workdir runs/f30k \
-      --config.data.manual_dir=/data/f30k/precomp
+      --config.data.manual_dir=/data
   python main.py --config configs/f30k.py:quirks=corrected ...   # bug-fixed variant
 
 run_f30k.sh: batch 128, 40 epochs, lr 5e-4 (BERT 0.1x) x0.1 at epochs 15 and 25, AdamW wd 1e-4,

@@ -2,7 +2,7 @@
 
   python -m conversion bert --src bert-base-uncased/ --out weights/bert-base-uncased.safetensors
   python main.py --config configs/gpo_f30k.py --workdir runs/gpo_f30k \
-      --config.data.manual_dir=/data/f30k/precomp
+      --config.data.manual_dir=/data
 
 woodfrog/vse_infty train_region.sh: AdamW lr 5e-4 (BERT 0.1x), wd 1e-4, 25 epochs, lr x0.1 at
 epoch 15, batch 128, embed 1024, margin 0.2, max violation after a 1-epoch mean-violation

@@ -4,7 +4,7 @@
   python -m conversion aahr --src runs/f30k_test_5/model_best.pth --out weights/aahr_f30k \
       [--bert_config bert-base-uncased/config.json]
 
-Key tables: aahr_spec.md 4.2 (image encoder) and 4.3 (text encoder); every key is mapped or
+Key tables: docs/method.md 4.2 (image encoder) and 4.3 (text encoder); every key is mapped or
 deliberately ignored (num_batches_tracked, old `position_ids`), anything else is an error.
 The local-Transformer head count, the residual weight and the gate-normalisation switches are
 not visible in the shapes: they come from the checkpoint's `opt` (defaults if absent).

@@ -1,4 +1,4 @@
-"""The training-checkpoint layout shared by AAHR and VSE-infinity (aahr_spec.md 4.1, 4.5):
+"""The training-checkpoint layout shared by AAHR and VSE-infinity (docs/method.md 4.1, 4.5):
 
   {'model': [image_encoder_state_dict, text_encoder_state_dict], 'opt': argparse.Namespace,
    'epoch': int, 'best_rsum': float, 'Eiters': int}

@@ -4,7 +4,7 @@
   python -m conversion vse_infty --src runs/f30k_butd_region_bert/model_best.pth --out DIR \
       [--bert_config bert-base-uncased/config.json]
 
-Keys: aahr_spec.md 4.5. The Flax GRU keeps PyTorch's tensor layout (weight_ih_l0 [96, 32], ...),
+Keys: docs/method.md 4.5. The Flax GRU keeps PyTorch's tensor layout (weight_ih_l0 [96, 32], ...),
 so the GRU tensors copy without transposing.
 """
 

@@ -3,7 +3,7 @@
 Tokenising per example in the training loop costs ~40 us a caption; doing it once when a split is
 opened (~30 us a caption, in Rust batches) and keeping three flat int32 arrays (a few bytes per
 piece) leaves only vectorised numpy work per batch. The augmentation is AAHR's word-level one
-(data_eval_spec.md 2.1, step 4), applied to whole batches at once with the same per-word rule.
+(docs/data.md 2.1), applied to whole batches at once with the same per-word rule.
 """
 
 import dataclasses

@@ -1,7 +1,7 @@
 """`--mode clip_cache`: the frozen-CLIP features of every image and caption of a built dataset.
 
     python main.py --config configs/f30k.py --workdir runs/f30k --mode clip_cache \
-        --config.model.clip_checkpoint=clip/ViT-B-32-laion2b.safetensors
+        --config.model.clip_checkpoint=weights/open_clip_vit_b32_laion2b.safetensors
 
 Runs the Flax OpenCLIP (a file from `python -m conversion open_clip`) over every unique image
 (OpenCLIP evaluation preprocessing on the host) and every caption (CLIP tokenizer), in batches
@@ -56,7 +56,7 @@ def _image_paths(examples, found: layouts.Layout, split: str, n: int) -> list[st
       raise datasets.DataError(
           f'{found.mapping_path or found.dataset_dir + "/id_mapping.json"}: image id '
           f'{int(example["image_id"])} ({split} image {i}) has no image file; CLIP features need '
-          'every raw image (data_eval_spec.md 1.5)')
+          'every raw image (docs/data.md 1.5)')
     paths.append(os.path.join(found.dataset_dir, rel))
   return paths
 

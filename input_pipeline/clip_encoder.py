@@ -2,7 +2,7 @@
 
 Images go through open_clip's evaluation transform on the host (clip_preprocess.py, PIL, in a
 thread pool), captions through the CLIP tokenizer (clip_tokenizer.py); features are the
-unnormalised `encode_image` / `encode_text` outputs in float32 (data_eval_spec.md 2.4).
+unnormalised `encode_image` / `encode_text` outputs in float32 (docs/data.md 2.4).
 
 The demo has no real CLIP weights (nothing can be downloaded): `ensure_demo_clip` writes a small
 random-init OpenCLIP in the converted-file format, so the synthetic demo exercises the same cache

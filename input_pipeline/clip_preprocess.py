@@ -1,4 +1,4 @@
-"""OpenCLIP's evaluation image transform on the host with PIL (data_eval_spec.md 2.4).
+"""OpenCLIP's evaluation image transform on the host with PIL (docs/data.md 2.4).
 
 open_clip (v2.24 to 3.x) evaluates with: torchvision Resize(size) of the shorter side, bicubic
 (PIL resampling, longer side int(size * long / short)) -> CenterCrop(size) (offsets rounded with

@@ -50,7 +50,7 @@ def data_dir(config, workdir: str) -> str:
 
 
 def dataset_name(config) -> str:
-  """The folder naming of data_eval_spec.md 1.1: f30k, coco, synthetic, or a generic precomp."""
+  """The folder naming of docs/data.md 1.1: f30k, coco, synthetic, or a generic precomp."""
   if config.data.name in ('f30k', 'coco'):
     return config.data.name
   if config.data.name == 'synthetic' and not config.data.manual_dir:
@@ -150,7 +150,7 @@ def text_options(config) -> loader.TextOptions:
 
 
 def fold_ranges(split: loader.SplitSource, folds: int = 5) -> list[tuple[range, range]]:
-  """(images, captions) of each contiguous fold (COCO 5-fold 1K on testall, spec 3.2)."""
+  """(images, captions) of each contiguous fold (COCO 5-fold 1K on testall, docs/data.md 3)."""
   if split.num_images % folds:
     raise DataError(f'{split.num_images} images do not split into {folds} equal folds')
   n = split.num_images // folds

@@ -1,4 +1,4 @@
-"""Where a dataset's files are, for the directory layouts users arrive with (data_eval_spec.md 1.1).
+"""Where a dataset's files are, for the directory layouts users arrive with (docs/data.md 1.1).
 
 `manual_dir` may be any of
   aahr       <manual_dir>/<f30k|coco>/precomp/<split>_*          (AAHR: the parent of f30k/ and coco/)
@@ -112,7 +112,7 @@ def read_mapping(path: str | None, dataset: str) -> dict[str, str] | None:
 
 
 def _karpathy_mapping(data, dataset: str, path: str) -> dict[str, str]:
-  """F30K ids are `imgid` (position in the list), COCO ids are `cocoid` (spec 1.6)."""
+  """F30K ids are `imgid` (position in the list), COCO ids are `cocoid` (docs/data.md 1.6)."""
   if not isinstance(data, dict) or not isinstance(data.get('images'), list):
     raise DataError(f'{path}: expected a Karpathy split file {{"images": [...]}}')
   mapping = {}

@@ -1,4 +1,4 @@
-"""Grain pipelines producing fixed-shape numpy batches with masks (data_eval_spec.md 2.7).
+"""Grain pipelines producing fixed-shape numpy batches with masks (docs/data.md 2.7).
 
 Training: one seeded permutation of the caption indices per epoch, floor(C / B) steps per epoch
 (the originals' `drop_last`); word-level token augmentation and region dropout drawn from a

@@ -1,4 +1,4 @@
-"""Reading and checking the raw SCAN precomp files of one split (data_eval_spec.md 1.2-1.3).
+"""Reading and checking the raw SCAN precomp files of one split (docs/data.md 1.2-1.3).
 
 Row granularity is derived per file: `{split}_ims.npy` and `{split}_ids.txt` may each hold one
 row per image or one per caption (five identical copies), independently of each other.
@@ -165,7 +165,7 @@ def check_id_blocks(ids: list[int], path: str) -> None:
 
 
 def granularity_note(files: SplitFiles) -> str | None:
-  """The warning of data_eval_spec.md 1.3 when the npy and ids files differ in granularity."""
+  """The warning of docs/data.md 1.3 when the npy and ids files differ in granularity."""
   if files.id_div is None or files.id_div == files.feature_div:
     return None
   kind = {1: 'per caption', 5: 'per image'}

@@ -1,4 +1,4 @@
-"""`--mode verify_data`: checks V1-V14 of data_eval_spec.md 1.8 on the raw files of a dataset.
+"""`--mode verify_data`: checks V1-V14 of docs/data.md 1.8 on the raw files of a dataset.
 
 Prints one line per problem (`ERROR`/`WARN` + the file + what was expected), then a summary, and
 writes the report as JSON; the exit status is non-zero when any check fails. `cheap_checks` is the
@@ -19,7 +19,7 @@ from input_pipeline import scan_files
 
 ROW_BYTES = 36 * 2048 * 4   # one BUTD row: 294,912 bytes
 SAMPLE = 20                 # rows read for V9 / V14
-# Published counts (data_eval_spec.md 1.3, 1.8): captions, accepted npy rows, ids lines, unique ids.
+# Published counts (docs/data.md 1.3, 1.8): captions, accepted npy rows, ids lines, unique ids.
 EXPECTED = {
     'f30k': {
         'captions': {'train': 145000, 'dev': 5070, 'test': 5000},

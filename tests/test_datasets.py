@@ -217,7 +217,7 @@ def test_training_batches_on_the_miniature(tmp_path):
 
 
 def reference_augment(words, u, random_ids):
-  """data_eval_spec.md 2.1 step 4, word by word: u < .1 mask, < .12 random, < .2 delete."""
+  """docs/data.md 2.1, word by word: u < .1 mask, < .12 random, < .2 delete."""
   out = []
   for word, draw, rand in zip(words, u, random_ids):
     if draw < 0.1:

@@ -8,7 +8,7 @@ import pytest
 from aahr_jax import evaluate
 from aahr_jax import metrics
 
-# data_eval_spec.md 3.7: two images, ten captions.
+# docs/data.md 3.7: two images, ten captions.
 WORKED = np.array([
     [0.62, 0.15, 0.40, 0.68, 0.12, 0.55, 0.33, 0.05, 0.48, 0.27],
     [0.71, 0.85, 0.70, 0.64, 0.66, 0.10, 0.52, 0.30, 0.50, 0.61]])

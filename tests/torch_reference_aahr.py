@@ -1,5 +1,5 @@
 """PyTorch reference of AAHR's image and text encoders (and of the VSE-infinity GPO encoders),
-written from aahr_spec.md 2.3-2.12. State-dict keys equal the released checkpoints' (spec 4.2,
+written from docs/method.md 2.3-2.12. State-dict keys equal the released checkpoints' (4.2,
 4.3, 4.5), so `save_original_checkpoint` writes files in the original layout.
 
 Batches follow the originals: regions padded to the batch's max region count, token ids padded
@@ -133,7 +133,7 @@ class _AAHRHead(nn.Module):
 
 
 class EncoderImageAAHR(_AAHRHead):
-  """Keys: fc.fc.*, fc.mlp.*, fc_clip.*, aggr.layers.0.*, gated_fusion.*, mha_pool.* (spec 4.2)."""
+  """Keys: fc.fc.*, fc.mlp.*, fc_clip.*, aggr.layers.0.*, gated_fusion.*, mha_pool.* (4.2)."""
 
   def __init__(self, img_dim=2048, embed_size=1024, clip_dim=512, nhead=16, dropout=0.1,
                residual_weight=0.8):
@@ -151,7 +151,7 @@ class EncoderImageAAHR(_AAHRHead):
 
 
 class EncoderTextAAHR(_AAHRHead):
-  """Keys: bert.*, linear.*, fc_clip.*, aggr.layers.0.*, gated_fusion.*, mha_pool.* (spec 4.3)."""
+  """Keys: bert.*, linear.*, fc_clip.*, aggr.layers.0.*, gated_fusion.*, mha_pool.* (4.3)."""
 
   def __init__(self, bert_config, embed_size=1024, clip_dim=512, nhead=16, dropout=0.1,
                residual_weight=0.8):
@@ -171,7 +171,7 @@ class EncoderTextAAHR(_AAHRHead):
 
 
 # ----------------------------------------------------------------------------------------------
-# VSE-infinity (GPO), "basic" precomputed regions (spec 2.12, 4.5)
+# VSE-infinity (GPO), "basic" precomputed regions (docs/method.md 2.12, 4.5)
 # ----------------------------------------------------------------------------------------------
 
 def positional_encoding(length, dim):
@@ -209,7 +209,7 @@ class GPO(nn.Module):
 
 
 class EncoderImageGPO(nn.Module):
-  """Keys: fc.*, mlp.layers.*, mlp.bns.*, gpool.* (spec 4.5)."""
+  """Keys: fc.*, mlp.layers.*, mlp.bns.*, gpool.* (docs/method.md 4.5)."""
 
   def __init__(self, img_dim=2048, embed_size=1024):
     super().__init__()
@@ -223,7 +223,7 @@ class EncoderImageGPO(nn.Module):
 
 
 class EncoderTextGPO(nn.Module):
-  """Keys: bert.*, linear.*, gpool.* (spec 4.5)."""
+  """Keys: bert.*, linear.*, gpool.* (docs/method.md 4.5)."""
 
   def __init__(self, bert_config, embed_size=1024):
     super().__init__()

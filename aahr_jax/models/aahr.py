@@ -68,7 +68,7 @@ class GPOTextTower(nn.Module):
 
 
 class VSEInfinity(nn.Module):
-  """VSE-infinity (GPO) with BUTD regions and BERT (aahr_spec.md 2.12)."""
+  """VSE-infinity (GPO) with BUTD regions and BERT (docs/method.md 2.12)."""
   embed_size: int
   bert: bert_lib.BertConfig
   bn_mask_padding: bool = False
@@ -96,7 +96,7 @@ class VSEInfinity(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# AAHR (aahr_spec.md 2.3-2.11)
+# AAHR (docs/method.md 2.3-2.11)
 # ----------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)

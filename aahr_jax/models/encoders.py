@@ -36,7 +36,7 @@ class MLP(nn.Module):
 
 
 class RegionEncoder(nn.Module):
-  """R = fc(X) + mlp(X) per region (aahr_spec.md 2.3 / 2.12).
+  """R = fc(X) + mlp(X) per region (docs/method.md 2.3 / 2.12).
 
   `bn_mask` selects the rows entering the BatchNorm statistics: the original includes zero-padded
   rows up to the per-batch maximum region count (quirk Q8), which the caller reproduces by
@@ -65,7 +65,7 @@ class SingleLinearMLP(nn.Module):
 
 
 class ClipProjection(nn.Module):
-  """AAHR `fc_clip` (aahr_spec.md 2.7): FC_MLP(512, D, D, num_layers=1, bn=False) on a CLIP
+  """AAHR `fc_clip` (docs/method.md 2.7): FC_MLP(512, D, D, num_layers=1, bn=False) on a CLIP
   feature = fc(c) + mlp.layers_0(c), both Xavier with zero bias. Two parallel affine maps are
   one affine map, but both are kept for checkpoint compatibility and identical optimisation."""
   embed_size: int

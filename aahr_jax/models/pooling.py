@@ -74,7 +74,7 @@ def _reverse_within_length(x, lengths):
 
 
 class GPO(nn.Module):
-  """Generalized Pooling Operator (aahr_spec.md 2.12), fully masked by `lengths`.
+  """Generalized Pooling Operator (docs/method.md 2.12), fully masked by `lengths`.
 
   Weights come from a bidirectional GRU over positional encodings (they depend only on the
   length), the features are sorted per dimension, and the pooled vector is their weighted sum.
@@ -102,7 +102,7 @@ class GPO(nn.Module):
 def maxk_pool(features, lengths, k: int = 2):
   """Mean of the k largest values per feature over the first `length` positions (AAHR MaxK).
 
-  k is min(k, length) per item (aahr_spec.md 2.5). Selected by k rounds of argmax (first index
+  k is min(k, length) per item (docs/method.md 2.5). Selected by k rounds of argmax (first index
   among equal values, as lax.top_k orders ties) and a masked sum: reductions that fuse with their
   neighbours and whose gradient reaches exactly the selected positions. A top_k over the position
   axis lowers to a full sort of a [B, D, S] array on GPUs (1 ms of a 43 ms COCO step).
@@ -186,7 +186,7 @@ cosine_logits.defvjp(_cosine_logits_fwd, _cosine_logits_bwd)
 
 
 class GlobalGuidedAttentionPool(nn.Module):
-  """GGLP (`mha_pool`, aahr_spec.md 2.8): a global query pools local features, 8 full-size heads.
+  """GGLP (`mha_pool`, docs/method.md 2.8): a global query pools local features, 8 full-size heads.
 
   Per head h: q = nrm(Wq_h g), k_s = nrm(Wk_h f_s), w = softmax_s(scale * <k_s, q>) over the
   positions s < `limit` (per row), o_h = sum_s w_s (Wv_h f_s + b_h); the result is the mean over
@@ -214,7 +214,7 @@ class GlobalGuidedAttentionPool(nn.Module):
 
 
 class GatedFusion(nn.Module):
-  """AAHR `gated_fusion` (aahr_spec.md 2.10): z = sigmoid(fc_gate([a; b])), z*a + (1-z)*b."""
+  """AAHR `gated_fusion` (docs/method.md 2.10): z = sigmoid(fc_gate([a; b])), z*a + (1-z)*b."""
 
   @nn.compact
   def __call__(self, local, global_):

@@ -1,4 +1,4 @@
-"""High-order instance relation module of AAHR (training only; aahr_spec.md 2.13, 2.14).
+"""High-order instance relation module of AAHR (training only; docs/method.md 2.13, 2.14).
 
 Pieces, in the order the criterion uses them:
   * `fine_grained_relevance`: SCAN-style word-region relevance over detached regions/words, with
@@ -65,7 +65,7 @@ def row_topk_connectivity(similarity: jax.Array, k: int) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------------------------
-# Fine-grained cross-modal relevance (aahr_spec.md 2.13, "aahr_scan_mean")
+# Fine-grained cross-modal relevance (docs/method.md 2.13, "aahr_scan_mean")
 # ----------------------------------------------------------------------------------------------
 
 def _caption_vs_all_images(words_hat: jax.Array, word_valid: jax.Array, word_selected: jax.Array,

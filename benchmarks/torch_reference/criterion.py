@@ -1,4 +1,4 @@
-"""AAHR's criterion (GraphLoss) and InfoNCE in PyTorch (aahr_spec.md 2.13-2.17), fp32.
+"""AAHR's criterion (GraphLoss) and InfoNCE in PyTorch (docs/method.md 2.13-2.17), fp32.
 
 Static-shape forms of two data-dependent pieces of the original, with the same distribution
 and results: one categorical draw per (anchor, column) cell weighted by the positive mask
@@ -32,7 +32,7 @@ def _triplet_direction(scores, positives, cutoff: float):
 
 
 def dws_triplet(im, s, ids, cutoff: float):
-  """HREM triplet with distance-weighted negative sampling, both directions (spec 2.17)."""
+  """HREM triplet, distance-weighted negative sampling, both directions (docs/method.md 2.17)."""
   scores = im @ s.t()
   positives = ids[:, None] == ids[None, :]
   return (_triplet_direction(scores, positives, cutoff)
@@ -51,7 +51,7 @@ def sinkhorn(scores, epsilon: float, iterations: int):
 
 
 def swav(v, t, prototypes, temperature: float, epsilon: float, iterations: int):
-  """Prototypes are renormalised in place first, outside autograd (spec 2.15)."""
+  """Prototypes are renormalised in place first, outside autograd (docs/method.md 2.15)."""
   with torch.no_grad():
     prototypes.copy_(F.normalize(prototypes, dim=1))
   sv, st = v @ prototypes.t(), t @ prototypes.t()
@@ -61,7 +61,7 @@ def swav(v, t, prototypes, temperature: float, epsilon: float, iterations: int):
 
 
 def info_nce(q_img, q_txt, k_img, k_txt, queue_img, queue_txt, tau: float = 0.07):
-  """MoCo InfoNCE against the queues before this step's enqueue (spec 2.16)."""
+  """MoCo InfoNCE against the queues before this step's enqueue (docs/method.md 2.16)."""
 
   def one(query, key, queue):
     query, key = F.normalize(query, dim=1), F.normalize(key, dim=1)
@@ -74,7 +74,7 @@ def info_nce(q_img, q_txt, k_img, k_txt, queue_img, queue_txt, tau: float = 0.07
 
 
 def fine_grained_relevance(regions, words, word_len, topk: int = 10, matmul_dtype=None):
-  """SCAN-style relevance (spec 2.13) -> (T2I [caption, image], I2T [image, caption]).
+  """SCAN-style relevance (docs/method.md 2.13) -> (T2I [caption, image], I2T [image, caption]).
 
   regions [B, N, D] and words [B, L, D] at the per-batch widths; all captions at once (the
   original loops over captions; the [B, B, L, N] tensor fits on the GPU). matmul_dtype
@@ -104,7 +104,7 @@ def _row_topk(similarity, k: int):
 
 
 class GCN(nn.Module):
-  """LeakyReLU_0.2(A (dropout_0.6(H) W) + b), W stored [in, out] (spec 2.14 d)."""
+  """LeakyReLU_0.2(A (dropout_0.6(H) W) + b), W stored [in, out] (docs/method.md 2.14)."""
 
   def __init__(self, dim: int):
     super().__init__()
@@ -138,7 +138,7 @@ class Criterion(nn.Module):
     self.relevance_matmul_dtype = relevance_matmul_dtype
 
   def relation(self, v1, t1, regions, words, word_len):
-    """-> (x, y, x^, y^, constant KL regulariser) (spec 2.14)."""
+    """-> (x, y, x^, y^, constant KL regulariser) (docs/method.md 2.14)."""
     x, y = l2n(v1), l2n(t1)
     batch = x.shape[0]
     k = int(batch * self.threshold)

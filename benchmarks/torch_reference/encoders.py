@@ -1,4 +1,4 @@
-"""AAHR's image and text encoders (aahr_spec.md 2.2-2.11) with the frozen CLIP called inside.
+"""AAHR's image and text encoders (docs/method.md 2.2-2.11) with the frozen CLIP called inside.
 
 The CLIP model is passed to `forward` rather than held as a submodule: the original keeps it
 as a plain attribute (never trained, not in the state_dict), and the key encoders, deep copies
@@ -37,7 +37,7 @@ class MLP(nn.Module):
 
 
 class FCMLP(nn.Module):
-  """fc(x) + mlp(x), every Linear Xavier-uniform with zero bias (spec 2.3, 2.7)."""
+  """fc(x) + mlp(x), every Linear Xavier-uniform with zero bias (docs/method.md 2.3, 2.7)."""
 
   def __init__(self, in_dim: int, hidden: int, out_dim: int, num_layers: int, bn: bool):
     super().__init__()
@@ -53,7 +53,7 @@ class FCMLP(nn.Module):
 
 
 def maxk_pool(features, lengths, k: int = 2):
-  """Mean of the k largest values per feature over each item's valid positions (spec 2.5).
+  """Mean of the k largest values per feature over each item's valid positions (docs/method.md 2.5).
 
   Vectorised over items (the original loops over them); every item has >= k valid positions.
   """
@@ -63,7 +63,7 @@ def maxk_pool(features, lengths, k: int = 2):
 
 
 class GlobalGuidedPool(nn.Module):
-  """GGLP (spec 2.8): eight full-size heads, each with its own query/key/value Linear; cosine
+  """GGLP (docs/method.md 2.8): eight full-size heads, each with own query/key/value Linear; cosine
   logits over every position (no padding mask, Q1); values computed per position as the
   original does; heads averaged."""
 
@@ -84,7 +84,7 @@ class GlobalGuidedPool(nn.Module):
 
 
 class GatedFusion(nn.Module):
-  """z = sigmoid(fc_gate([a; b])); z * a + (1 - z) * b (spec 2.10)."""
+  """z = sigmoid(fc_gate([a; b])); z * a + (1 - z) * b (docs/method.md 2.10)."""
 
   def __init__(self, dim: int):
     super().__init__()
@@ -120,7 +120,7 @@ class _Head(nn.Module):
 
 
 class ImageEncoder(_Head):
-  """Regions -> FC_MLP -> head, with CLIP's image tower on the raw image (spec 2.3, 2.11)."""
+  """Regions -> FC_MLP -> head, CLIP's image tower on the raw image (docs/method.md 2.3, 2.11)."""
 
   def __init__(self, s):
     super().__init__()
@@ -137,7 +137,7 @@ class ImageEncoder(_Head):
 
 
 class TextEncoder(_Head):
-  """BERT -> Linear(768 -> D) -> head, with CLIP's text tower on the raw caption (spec 2.4)."""
+  """BERT -> Linear(768 -> D) -> head, CLIP's text tower on the raw caption (docs/method.md 2.4)."""
 
   def __init__(self, s, bert):
     super().__init__()

@@ -1,4 +1,4 @@
-"""The whole AAHR training step in PyTorch (aahr_spec.md 1.2, 2.16, 2.19, 3.1-3.2).
+"""The whole AAHR training step in PyTorch (docs/method.md 1.2, 2.16, 2.19, 3.1-3.2).
 
 Order within a step, as the original: EMA of the key encoders from this step's query
 parameters, query encoders (CLIP inside, no grad), criterion, key encoders (CLIP inside

@@ -35,7 +35,7 @@ COPY_CHUNK_ROWS = 512
 
 @dataclasses.dataclass
 class ScanPrecompConfig(tfds.core.BuilderConfig):
-  dataset: str = 'precomp'   # f30k | coco pick the folder and image names of data_eval_spec.md 1.1
+  dataset: str = 'precomp'   # f30k | coco pick the folder and image names of docs/data.md 1.1
   region_dim: int = 2048
   num_regions: int = 36
   feature_dtype: str = 'float32'
@@ -78,7 +78,7 @@ class ScanPrecomp(tfds.core.GeneratorBasedBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       'Point manual_dir at the SCAN precomp files in the AAHR layout (<dir>/<f30k|coco>/precomp/, '
       'id_mapping.json, images), the VSE-infinity layout (<dir>/precomp/) or the HREM layout '
-      '(<dir>/<f30k|coco>_precomp/); see data_eval_spec.md section 1.')
+      '(<dir>/<f30k|coco>_precomp/); see docs/data.md section 1.')
 
   def __init__(self, *, layout: str = 'auto', require_images: bool = False,
                progress: bool = True, **kwargs):
@@ -168,7 +168,7 @@ def resolve_images(files: scan_files.SplitFiles, layout: layouts.Layout, mapping
     what = ('id_mapping.json (or the Karpathy json)' if mapping is None
             else 'the image folder (flickr30k-images/ or images/)')
     raise scan_files.DataError(f'{layout.dataset_dir}: {what} not found; the raw images are '
-                               'needed for the CLIP features (data_eval_spec.md 1.5)')
+                               'needed for the CLIP features (docs/data.md 1.5)')
   out, missing = [], 0
   for i in range(files.num_images):
     image_id = files.image_id(i)
