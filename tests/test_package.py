@@ -1,4 +1,5 @@
-"""pyproject.toml: the console command resolves, the packages are found, dependencies are runtime."""
+"""pyproject.toml: the console command resolves, the packages are found, dependencies are the
+running requirements; the Makefile's venv gets the development ones."""
 
 import importlib
 import os
@@ -40,6 +41,10 @@ def test_dependencies_are_the_running_requirements():
     names = {line.split('==')[0].strip() for line in f if line.strip()[:1].isalnum()}
   assert {'jax', 'flax', 'optax', 'orbax-checkpoint', 'grain', 'tokenizers'} <= names
   assert not names & {'torch', 'transformers', 'pytest'}, 'conversion/test pins: -dev file'
+  with open(os.path.join(ROOT, 'requirements-dev.txt'), encoding='utf-8') as f:
+    assert '-r requirements.txt' in f.read().splitlines()
+  with open(os.path.join(ROOT, 'Makefile'), encoding='utf-8') as f:
+    assert 'pip install --disable-pip-version-check -r requirements-dev.txt' in f.read()
 
 
 def test_help_lists_every_mode_on_one_line():
