@@ -7,9 +7,8 @@ import subprocess
 import sys
 import tomllib
 
-import setuptools
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGES = ('aahr_jax', 'input_pipeline', 'conversion', 'configs', 'benchmarks')
 
 
 def _pyproject() -> dict:
@@ -27,11 +26,15 @@ def test_console_command_is_the_main_py_entry_point():
 
 
 def test_every_package_with_code_is_installed():
-  found = set(setuptools.find_packages(
-      ROOT, include=_pyproject()['tool']['setuptools']['packages']['find']['include']))
-  top = {p for p in found if '.' not in p}
-  assert top == {'aahr_jax', 'input_pipeline', 'conversion', 'configs', 'benchmarks'}
-  assert {'aahr_jax.models', 'input_pipeline.builders'} <= found
+  include = _pyproject()['tool']['setuptools']['packages']['find']['include']
+  assert include == [f'{name}*' for name in PACKAGES]
+  for root, dirs, files in os.walk(ROOT):
+    dirs[:] = [d for d in dirs if not d.startswith(('.', '__')) and d not in ('tests', 'runs')]
+    relative = os.path.relpath(root, ROOT)
+    if relative == '.' or not any(f.endswith('.py') for f in files):
+      continue
+    assert relative.split(os.sep)[0] in PACKAGES, f'{relative} is not installed'
+    assert '__init__.py' in files, f'{relative} has no __init__.py (not found by setuptools)'
 
 
 def test_dependencies_are_the_running_requirements():
