@@ -41,7 +41,9 @@ def test_dependencies_are_the_running_requirements():
   dynamic = _pyproject()['tool']['setuptools']['dynamic']['dependencies']['file']
   assert dynamic == ['requirements.txt']
   with open(os.path.join(ROOT, 'requirements.txt'), encoding='utf-8') as f:
-    names = {line.split('==')[0].strip() for line in f if line.strip()[:1].isalnum()}
+    lines = [line.strip() for line in f if line.strip()[:1].isalnum()]
+  assert all('#' not in line for line in lines), 'pyproject.toml would take the comment in'
+  names = {line.split('==')[0] for line in lines}
   assert {'jax', 'flax', 'optax', 'orbax-checkpoint', 'grain', 'tokenizers'} <= names
   assert not names & {'torch', 'transformers', 'pytest'}, 'conversion/test pins: -dev file'
   with open(os.path.join(ROOT, 'requirements-dev.txt'), encoding='utf-8') as f:
