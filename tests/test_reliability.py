@@ -5,7 +5,6 @@ Each test bounds its own time (subprocess timeouts) and kills the processes it s
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -65,8 +64,10 @@ def assert_same_params(a, b, atol=1e-6):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
 
 
-def start_and_interrupt(workdir, sig, when, *extra) -> tuple[int, str]:
-  """Starts a run, sends `sig` once `when(workdir)` holds, returns (exit code, stderr)."""
+def start_and_interrupt(workdir, sig, when, *extra, look=lambda workdir: None):
+  """Starts a run, sends `sig` once `when(workdir)` holds; returns (exit code, stderr, what
+  `look(workdir)` saw at that moment). For SIGKILL the process is frozen (SIGSTOP) as soon as
+  the condition is seen, so `look` sees exactly what the kill leaves on disk."""
   proc = subprocess.Popen(command(workdir, *extra), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   try:
@@ -77,13 +78,24 @@ def start_and_interrupt(workdir, sig, when, *extra) -> tuple[int, str]:
       if time.time() > deadline:
         raise AssertionError('the interruption point was never reached')
       time.sleep(0.005)
+    if sig == signal.SIGKILL:
+      proc.send_signal(signal.SIGSTOP)  # no thread of it writes anything from here on
+    seen = look(workdir)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=RUN_TIMEOUT)
-    return proc.returncode, stderr
+    return proc.returncode, stderr, seen
   finally:
     if proc.poll() is None:
       proc.kill()
       proc.wait()
+
+
+def checkpoint_names(workdir) -> tuple[list[int], list[str]]:
+  """(committed checkpoint steps, sorted; names of checkpoints still being written)."""
+  folder = os.path.join(workdir, 'checkpoints')
+  names = os.listdir(folder) if os.path.isdir(folder) else []
+  return (sorted(int(n) for n in names if n.isdigit()),
+          sorted(n for n in names if not n.isdigit() and 'tmp' in n))
 
 
 def logged_step(workdir) -> int:
@@ -107,35 +119,42 @@ def uninterrupted(tmp_path_factory):
 
 
 def compare_with_uninterrupted(workdir, reference, resumed_from: int):
+  """Every loss term of the steps after the resume and the final parameters, bit for bit (the
+  same programs on the same inputs)."""
   got, want = scaling_runs.logged_steps(workdir), scaling_runs.logged_steps(reference)
   assert sorted(got) == sorted(want) == list(range(1, TOTAL_STEPS + 1))
   for step in range(resumed_from + 1, TOTAL_STEPS + 1):
-    assert got[step]['loss'] == pytest.approx(want[step]['loss'], abs=1e-6), step
+    assert scaling_runs.loss_terms(got[step]) == scaling_runs.loss_terms(want[step]), step
   step_a, params_a = final_params(workdir)
   step_b, params_b = final_params(reference)
   assert step_a == step_b == TOTAL_STEPS
-  assert_same_params(params_a, params_b)
+  assert_same_params(params_a, params_b, atol=0)
+
+
+def resumed_step(stdout: str) -> int:
+  assert 'Resumed from' in stdout, stdout[-2000:]
+  return int(stdout.split('Resumed from')[1].split('at step ')[1].split('.')[0])
 
 
 @pytest.mark.slow
 def test_kill_9_then_resume_is_exact(uninterrupted, tmp_path):
-  kill_at = random.Random(os.getpid()).randint(7, 24)  # after the first checkpoint (step 5)
+  # Killed once step 6 is logged and checkpoint 5 is committed: mid-epoch (15 steps each), far
+  # from the next epoch's start; the resume step is whatever was committed at the kill.
   first = tmp_path / 'checkpoints' / '5'  # committed (renamed from its temporary folder)
-  code, _ = start_and_interrupt(tmp_path, signal.SIGKILL,
-                                lambda w: logged_step(w) >= kill_at and first.is_dir())
+  code, _, (committed, _) = start_and_interrupt(
+      tmp_path, signal.SIGKILL, lambda w: logged_step(w) >= 6 and first.is_dir(),
+      look=checkpoint_names)
   assert code == -signal.SIGKILL
   resumed = run(tmp_path)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert 'Resumed from' in resumed.stdout
-  resumed_from = int(resumed.stdout.split('at step ')[1].split('.')[0])
-  # The kill lands a step or two after the poll saw `kill_at`, possibly after another checkpoint.
-  assert 5 <= resumed_from < TOTAL_STEPS
+  resumed_from = resumed_step(resumed.stdout)
+  assert resumed_from == committed[-1] and resumed_from % (TOTAL_STEPS // 2), committed
   compare_with_uninterrupted(tmp_path, uninterrupted, resumed_from)
 
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_resumes_exactly(uninterrupted, tmp_path):
-  code, stderr = start_and_interrupt(tmp_path, signal.SIGTERM, lambda w: logged_step(w) >= 12)
+  code, stderr, _ = start_and_interrupt(tmp_path, signal.SIGTERM, lambda w: logged_step(w) >= 12)
   assert code == 75, stderr[-2000:]
   assert 'stopped by SIGTERM at step' in stderr
   stopped_at = int(stderr.split('stopped by SIGTERM at step ')[1].split(';')[0])
@@ -151,22 +170,25 @@ def test_sigterm_checkpoints_and_resumes_exactly(uninterrupted, tmp_path):
 def test_kill_during_checkpoint_write_resumes_from_previous(uninterrupted, tmp_path):
   ckpt_dir = tmp_path / 'checkpoints'
 
-  def writing(workdir):
-    del workdir
-    return ckpt_dir.is_dir() and any('tmp' in name for name in os.listdir(ckpt_dir)) and any(
-        name.isdigit() for name in os.listdir(ckpt_dir))  # a second checkpoint is being written
+  def writing(workdir):  # a later checkpoint is being written while an earlier one is complete
+    committed, in_flight = checkpoint_names(workdir)
+    return bool(committed) and bool(in_flight)
 
   # Checkpoints every 2 steps: many writes in flight to catch one (results do not change).
-  code, _ = start_and_interrupt(tmp_path, signal.SIGKILL, writing,
-                                '--config.checkpoint_every_steps=2')
+  code, _, (committed, in_flight) = start_and_interrupt(
+      tmp_path, signal.SIGKILL, writing, '--config.checkpoint_every_steps=2',
+      look=checkpoint_names)
   assert code == -signal.SIGKILL
-  complete = sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
-  assert complete, 'no complete checkpoint survived the kill'
+  # The kill came during the write: the process was frozen with the write's temporary folder
+  # present, and the kill left it unfinished (never renamed to its step).
+  assert in_flight and checkpoint_names(tmp_path) == (committed, in_flight)
+  writing_step = int(in_flight[-1].split('.')[0])
+  assert writing_step > committed[-1] and writing_step not in committed
   resumed = run(tmp_path, '--config.checkpoint_every_steps=2')
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert f'at step {complete[-1]}.' in resumed.stdout
+  assert resumed_step(resumed.stdout) == committed[-1]
   assert not any('tmp' in n for n in os.listdir(ckpt_dir))  # leftovers cleaned up
-  compare_with_uninterrupted(tmp_path, uninterrupted, complete[-1])
+  compare_with_uninterrupted(tmp_path, uninterrupted, committed[-1])
 
 
 def test_nan_batch_is_skipped_and_counted(tmp_path):
