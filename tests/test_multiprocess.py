@@ -1,5 +1,5 @@
 """Two local processes joined by jax.distributed (4 fake CPU devices each) train like one process
-with 8 devices: same 5-step losses, one writer, the same evaluation.
+with 8 devices: same 5-step losses, one writer, the evaluation's metrics of one process.
 
 The processes run main.py with --coordinator_address/--num_processes/--process_id on 127.0.0.1;
 the test bounds their time and kills them on a timeout or failure (scaling_runs.run_processes).
@@ -32,6 +32,11 @@ def test_partial_flags_are_an_error():
     multihost.initialize('auto', '127.0.0.1:1234', None, 0)
 
 
+def eval_results(workdir: str) -> dict:
+  with open(os.path.join(workdir, 'eval', 'test.json'), encoding='utf-8') as f:
+    return json.load(f)
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_process_on_8_devices(scaling_dir):
   workdir = str(scaling_dir / 'two_processes')
@@ -46,9 +51,17 @@ def test_two_processes_match_one_process_on_8_devices(scaling_dir):
                                    what='2 processes x 4 devices')
   # The evaluation ran the padded batches on both processes and dropped the padding: all 8 test
   # images and 40 captions, and process 0 wrote the results.
-  with open(os.path.join(workdir, 'eval', 'test.json'), encoding='utf-8') as f:
-    results = json.load(f)
+  results = eval_results(workdir)
   assert results['images'] == 8 and results['captions'] == 40
+  # One process evaluating the same checkpoint on the same 8 devices gives the same metrics,
+  # recall curves and tie counts, bit for bit.
+  one_process = str(scaling_dir / 'two_processes_evaluated_by_one')
+  scaling_runs.copy_checkpoint(workdir, one_process, scaling_runs.STEPS_PER_EPOCH)
+  scaling_runs.run_main(one_process, str(scaling_dir / 'data'), devices=8,
+                        extra=['--mode', 'eval'])
+  single = eval_results(one_process)
+  for key in ('images', 'captions', 'all', 'ties', 'curves'):
+    assert results[key] == single[key], key
   params = scaling_runs.restore_params(workdir, scaling_runs.STEPS_PER_EPOCH)
   ref_params = scaling_runs.restore_params(str(scaling_dir / 'ref8'),
                                            scaling_runs.STEPS_PER_EPOCH)
