@@ -56,7 +56,7 @@ MUTATIONS = (
              'tests/test_aahr_step.py::test_gates_terms_queues_and_momentum'),
     Mutation('tie_rank_i2t_pessimistic', 'aahr_jax/blockwise_ranks.py',
              'i2t_pessimistic=i2t_gt + i2t_ties,',
-             'i2t_pessimistic=i2t_gt + i2t_ties - (i2t_ties > 0),',
+             'i2t_pessimistic=i2t_gt + i2t_ties + (i2t_ties > 0),',
              'tests/test_evaluate.py::test_ties_follow_the_original_argsort'),
     Mutation('tie_rank_t2i_pessimistic', 'aahr_jax/blockwise_ranks.py',
              't2i_pessimistic=t2i_gt + t2i_ties,',
@@ -149,7 +149,9 @@ def pytest(tests: list[str], dest: str, cache: str) -> tuple[int | None, float, 
                             timeout=TEST_TIMEOUT, check=False)
   except subprocess.TimeoutExpired:
     return None, time.time() - start, ''
-  tail = '\n'.join((result.stdout + result.stderr).strip().splitlines()[-3:])
+  lines = (result.stdout + result.stderr).strip().splitlines()
+  failure = [line for line in lines if line.startswith('E ')][:1]  # the first assertion line
+  tail = '\n'.join(failure + lines[-3:])
   return result.returncode, time.time() - start, tail
 
 
@@ -204,8 +206,8 @@ def main() -> int:
       status = verdict(code)
       results.append((mutation, status))
       print(f'{mutation.name:28s} {status:10s} {seconds:6.0f} s  {mutation.test}', flush=True)
-      if status != 'caught':
-        print('    ' + tail.replace('\n', '\n    '), flush=True)
+      shown = tail if status != 'caught' else tail.split('\n')[0]  # caught: how it failed
+      print('    ' + shown[:300].replace('\n', '\n    '), flush=True)
       shutil.rmtree(dest, ignore_errors=True)
   caught = sum(status == 'caught' for _, status in results)
   print(f'{caught} of {len(results)} mutations caught')
