@@ -130,9 +130,6 @@ def setup(config: ml_collections.ConfigDict, workdir: str):
     from input_pipeline import clip_cache  # pylint: disable=import-outside-toplevel
     multihost.main_first('clip_cache', lambda: clip_cache.build(config, workdir))
   train_split = datasets.open_split(builder, config.data.train_split)
-  eval_split = config.data.eval_split
-  if eval_split in builder.info.splits:  # a wrong protocol is refused now, not after training
-    datasets.check_eval_protocol(config, eval_split, datasets.open_split(builder, eval_split))
   steps_per_epoch = loader.steps_per_epoch(train_split, config.batch_size)
   model = aahr.build_model(config.model, config.get('dtype', 'float32'))
   mesh = sharding.create_mesh(config.mesh)
@@ -278,6 +275,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
   total_steps = steps_per_epoch * config.num_epochs
   text = datasets.text_options(config)
   datasets.check_caption_lengths(config, config.data.train_split, run['train_split'])
+  eval_split = config.data.eval_split
+  if eval_split in run['builder'].info.splits:  # a wrong protocol is refused now, not after training
+    datasets.check_eval_protocol(config, eval_split,
+                                 datasets.open_split(run['builder'], eval_split))
   check_disk_space(workdir, state, config.keep_checkpoints)
 
   # Resume from the latest complete checkpoint, if any.

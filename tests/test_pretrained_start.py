@@ -16,7 +16,6 @@ from flax import traverse_util
 from aahr_jax import checkpoint
 from aahr_jax import train
 from aahr_jax import train_state
-from configs import aahr_common
 from configs import coco
 from configs import demo
 from configs import f30k
@@ -24,25 +23,18 @@ from conversion.__main__ import main as conversion_main
 from input_pipeline.scan_files import DataError
 
 import config_reads
+import test_train
 
 STEPS_PER_EPOCH = 15  # 48 images x 5 captions / batch 16
 
 
 def tiny_config():
-  """test_train.py's tiny run (its steps come from the session's compilation cache)."""
-  c = demo.get_config('epochs=1,train_images=48,batch_size=16')
-  c.data.synthetic.dev = 4
-  c.data.synthetic.test = 10
-  c.data.region_dim = 16
-  c.model.embed_size = 32
-  c.model.bert = dict(c.model.bert, hidden_size=32, intermediate_size=64)
-  c.optim.lr_schedules = (100,)
+  """test_train.py's tiny run (its steps come from the session's compilation cache), with a
+  checkpoint at every step and one skipped step (the skip guard reads its limit)."""
+  c = test_train.tiny_config(1)
   c.checkpoint_every_steps = 1
   c.keep_checkpoints = STEPS_PER_EPOCH  # the step-1 checkpoint is kept
-  c.log_every_steps = 1
-  c.eval.batch_size = 16
-  c.data.num_threads = 1
-  c.debug.nan_steps = (5,)  # one skipped step: the skip guard reads its limit
+  c.debug.nan_steps = (5,)
   return c
 
 
@@ -121,12 +113,6 @@ def test_every_field_of_the_aahr_configs_acts(pretrained_run):
   demo_fields = config_reads.leaf_paths(demo.get_config())
   for published in (f30k.get_config(), f30k.get_config('quirks=corrected'), coco.get_config()):
     assert config_reads.leaf_paths(published) == demo_fields
-
-
-def test_quirk_flags_are_config_fields():
-  config = f30k.get_config()
-  for path in aahr_common.QUIRK_FLAGS:
-    assert path in config_reads.leaf_paths(config), path
 
 
 def test_resume_does_not_reload_the_pretrained_file(pretrained_run, tmp_path):
